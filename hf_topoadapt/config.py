@@ -1,0 +1,121 @@
+"""Settings for scoring positions and inserting layers.
+
+`ScoringConfig` is a plain dataclass; any object with the same attribute names (such as the PEFT-style
+`TopoAdapterConfig`) can be passed wherever a `ScoringConfig` is expected: `ScoringConfig.from_any`
+picks the fields it knows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SOLVERS = ("auto", "exact", "lanczos")
+DIRECTIONS = ("coordinate", "optimized")
+
+
+@dataclass
+class ScoringConfig:
+    block_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dotted path of the model's block list (e.g. 'encoder.layers'); None finds it automatically."
+        },
+    )
+    positions: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Only these positions compete: module names after which a layer may go, and/or 'embeddings'. "
+            "None means every position found."
+        },
+    )
+    include_head: bool = field(
+        default=True, metadata={"help": "Let positions inside an MLP head (nn.Sequential with >= 2 Linear) compete."}
+    )
+    head_path: str | None = field(
+        default=None, metadata={"help": "Dotted path of the head; None tries classifier, head, fc, _fc, score."}
+    )
+    activation: Any = field(
+        default="silu_tanh",
+        metadata={
+            "help": "Admissible activation of the new layer: 'silu_tanh' (2*SiLU - tanh), 'half_square' or a module."
+        },
+    )
+    kernel_size: int = field(default=3, metadata={"help": "Odd kernel size of the conv layer inserted in a CNN."})
+    solver: str = field(
+        default="auto",
+        metadata={
+            "help": "'exact' sums every (q x q) block and calls eigh; 'lanczos' is matrix-free on a token "
+            "subsample; 'auto' is exact when q <= exact_max_features."
+        },
+    )
+    exact_max_features: int = field(default=128, metadata={"help": "Largest q = d + 1 solved exactly under 'auto'."})
+    max_tokens: int = field(
+        default=8192,
+        metadata={
+            "help": "Cap on tokens kept per position for the matrix-free solver (uniform subsample, reweighted)."
+        },
+    )
+    lanczos_screen_iterations: int = field(default=16, metadata={"help": "Lanczos steps run on every block."})
+    lanczos_refine_iterations: int = field(default=48, metadata={"help": "Lanczos steps on the best blocks."})
+    lanczos_refine_rows: int = field(default=8, metadata={"help": "How many blocks get the longer Lanczos run."})
+    eps_s: float = field(
+        default=0.5, metadata={"help": "Keep neurons whose eigenvalue is >= (1 - eps_s) * the largest one."}
+    )
+    max_neurons: int | None = field(default=16, metadata={"help": "Cap on neurons of one inserted layer."})
+    directions: str = field(
+        default="coordinate",
+        metadata={"help": "'coordinate': the paper's layer (output axes); 'optimized': METHOD.md section 5."},
+    )
+    optimize_iterations: int = field(default=20, metadata={"help": "Alternating-ascent steps per optimised neuron."})
+    threshold: float = field(
+        default=0.0, metadata={"help": "Insert only where the largest eigenvalue exceeds this value."}
+    )
+    line_search_start: float = field(
+        default=1e-3,
+        metadata={"help": "First step: the eps whose predicted loss decrease is this fraction of the loss."},
+    )
+    line_search_growth: float = field(default=2.0, metadata={"help": "Factor between consecutive steps."})
+    line_search_steps: int = field(default=14, metadata={"help": "Steps per sign."})
+    compute_dtype: torch.dtype | str | None = field(
+        default=None,
+        metadata={"help": "dtype of the numerics: None is float64 for a float64 model and float32 otherwise."},
+    )
+    eval_mode: bool = field(
+        default=True, metadata={"help": "Score in eval mode (no dropout); the model's own mode is restored after."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the token subsample and the Lanczos start vectors."})
+    progress: bool = field(default=False, metadata={"help": "Show tqdm progress bars."})
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.directions not in DIRECTIONS:
+            raise ValueError(f"directions must be one of {DIRECTIONS}, got {self.directions!r}")
+        if not 0.0 <= self.eps_s < 1.0:
+            raise ValueError(f"eps_s must be in [0, 1), got {self.eps_s}")
+        if self.max_neurons is not None and self.max_neurons < 1:
+            raise ValueError(f"max_neurons must be >= 1 or None, got {self.max_neurons}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if isinstance(self.compute_dtype, str):
+            self.compute_dtype = getattr(torch, self.compute_dtype)
+
+    @classmethod
+    def from_any(cls, config: Any) -> ScoringConfig:
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        names = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(config, dict):
+            unknown = set(config) - names
+            if unknown:
+                raise ValueError(f"unknown scoring settings {sorted(unknown)}; known: {sorted(names)}")
+            return cls(**config)
+        return cls(**{name: getattr(config, name) for name in names if hasattr(config, name)})

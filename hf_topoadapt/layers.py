@@ -1,0 +1,128 @@
+"""The inserted layer and how it is attached to a model.
+
+`TopoAdapter` is the rank-m residual layer of METHOD.md section 4:
+
+    T(h) = h + U sigma(D h + b)
+
+acting on every token (a Linear) or every pixel (a "same" conv). With U's columns on coordinate axes
+and frozen it is exactly the paper's square layer with its m live rows; letting U train is a superset.
+
+The layer is attached by a hook on the block it follows and registered as a child of that block, so
+the block keeps its module path and every existing checkpoint key stays the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.hooks import RemovableHandle
+
+from .activations import resolve_activation
+from .sensitivity.capture import Tap, add_stream_hook, transform_stream
+from .sensitivity.directions import Directions
+
+ADAPTER_ATTRIBUTE = {"output": "topo_adapter", "input": "topo_adapter_input"}
+
+
+class TopoAdapter(nn.Module):
+    def __init__(
+        self,
+        width: int,
+        num_neurons: int,
+        layout: str = "tokens",
+        kernel_size: int = 3,
+        activation="silu_tanh",
+        train_up: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ):
+        super().__init__()
+        if layout not in ("vector", "tokens", "channels"):
+            raise ValueError(f"layout must be 'vector', 'tokens' or 'channels', got {layout!r}")
+        self.layout, self.width, self.kernel_size = layout, width, kernel_size
+        self.activation, _ = resolve_activation(activation)
+        factory = {"dtype": dtype, "device": device}
+        if layout == "channels":
+            self.down = nn.Conv2d(width, num_neurons, kernel_size, padding=kernel_size // 2, **factory)
+        else:
+            self.down = nn.Linear(width, num_neurons, **factory)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+        self.up = nn.Parameter(torch.zeros(width, num_neurons, **factory), requires_grad=train_up)
+
+    @property
+    def num_neurons(self) -> int:
+        return self.up.shape[1]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        hidden = self.activation(self.down(h))
+        if self.layout == "channels":
+            return h + F.conv2d(hidden, self.up[:, :, None, None])
+        return h + F.linear(hidden, self.up)
+
+    @torch.no_grad()
+    def set_directions(self, directions: Directions, eps: float = 1.0) -> TopoAdapter:
+        """Loads [D | b] = eps * directions.down and U = directions.up."""
+        rows = directions.down.to(self.down.weight.dtype)
+        if rows.shape != (self.num_neurons, self.down.weight[0].numel() + 1):
+            raise ValueError(
+                f"directions of shape {tuple(rows.shape)} do not fit an adapter with {self.num_neurons} neurons "
+                f"and {self.down.weight[0].numel() + 1} input features"
+            )
+        self.down.weight.copy_((eps * rows[:, :-1]).reshape(self.down.weight.shape))
+        self.down.bias.copy_(eps * rows[:, -1])
+        self.up.copy_(directions.up.to(self.up.dtype))
+        return self
+
+    @classmethod
+    def from_directions(
+        cls,
+        directions: Directions,
+        layout: str,
+        eps: float = 1.0,
+        kernel_size: int = 3,
+        activation="silu_tanh",
+        train_up: bool = False,
+        dtype=None,
+        device=None,
+    ) -> TopoAdapter:
+        adapter = cls(
+            directions.up.shape[0], directions.num_neurons, layout, kernel_size, activation, train_up, dtype, device
+        )
+        return adapter.set_directions(directions, eps)
+
+
+# The hook handle of each attached adapter; weak so a deleted model takes its entries with it.
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
+
+
+def attach(tap: Tap, adapter: nn.Module) -> None:
+    """Inserts the adapter at the tap for good: a child of the tapped module plus a hook."""
+    attribute = ADAPTER_ATTRIBUTE[tap.where]
+    if hasattr(tap.module, attribute):
+        raise ValueError(f"{tap.name} already carries a {attribute}; detach it first")
+    tap.module.add_module(attribute, adapter)
+    _HANDLES[adapter] = add_stream_hook(tap, adapter)
+
+
+def detach(tap: Tap) -> nn.Module:
+    """Removes the adapter inserted at the tap and returns it."""
+    attribute = ADAPTER_ATTRIBUTE[tap.where]
+    adapter = getattr(tap.module, attribute, None)
+    if adapter is None:
+        raise ValueError(f"{tap.name} carries no {attribute}")
+    _HANDLES.pop(adapter).remove()
+    delattr(tap.module, attribute)
+    return adapter
+
+
+@contextlib.contextmanager
+def attached(tap: Tap, adapter: nn.Module) -> Iterator[nn.Module]:
+    """The adapter inserted at the tap for the duration of the context only."""
+    with transform_stream(tap, adapter):
+        yield adapter

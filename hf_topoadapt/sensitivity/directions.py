@@ -1,0 +1,124 @@
+"""Initial directions of a new layer T(h) = h + U sigma(D z): which neurons, and along what.
+
+Coordinate directions are the paper's layer: output columns of U are axes e_r and row r of D is the
+sum of the kept eigenvectors of block r (METHOD.md section 4). Optimised directions let each output
+column be any unit vector u and maximise F(u, w) = c sum (u . p)(w . z)^2 by alternating ascent
+(METHOD.md section 5). Either way the predicted loss decrease at step eps is (eps^2 / 2) * sum(values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .operators import BlockOperator
+from .solvers import Spectrum
+
+
+@dataclass
+class Directions:
+    down: torch.Tensor  # (m, q): rows of [D | b]
+    up: torch.Tensor  # (d_out, m): unit output columns
+    values: torch.Tensor  # (m,): second-order gain of each neuron, phi_i^T Q phi_i (or F(u_i, w_i))
+    kind: str  # "coordinate" or "optimized"
+
+    @property
+    def num_neurons(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def value(self) -> float:
+        """phi^T Q phi of the whole initialisation: the loss falls by (eps^2 / 2) * value to second order."""
+        return float(self.values.sum())
+
+
+def kept_eigenpairs(spectrum: Spectrum, eps_s: float, max_neurons: int | None) -> torch.Tensor:
+    """Indices into the spectrum of the eigenpairs with lambda_i >= (1 - eps_s) * lambda_1 (> 0), capped."""
+    top = spectrum.top
+    if top <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    keep = torch.nonzero(spectrum.eigenvalues >= (1.0 - eps_s) * top).flatten()
+    return keep[:max_neurons] if max_neurons is not None else keep
+
+
+def coordinate_directions(
+    spectrum: Spectrum, num_outputs: int, eps_s: float = 0.5, max_neurons: int | None = None
+) -> Directions:
+    """The paper's layer: one neuron per output row r that owns a kept eigenvector.
+
+    Kept eigenvectors of the same block are summed into that row; being orthogonal, their gains add.
+    """
+    kept = kept_eigenpairs(spectrum, eps_s, max_neurons)
+    if kept.numel() == 0:
+        raise ValueError(
+            f"no direction lowers the loss to second order here: the largest eigenvalue is {spectrum.top:.4g} <= 0"
+        )
+    # Rows in order of first appearance in the descending spectrum, so neuron 0 is the strongest.
+    row_of_neuron: dict[int, int] = {}
+    for r in spectrum.rows[kept].tolist():
+        row_of_neuron.setdefault(r, len(row_of_neuron))
+    neuron = torch.tensor([row_of_neuron[r] for r in spectrum.rows[kept].tolist()])
+    m, q = len(row_of_neuron), spectrum.vectors.shape[1]
+    down = spectrum.vectors.new_zeros(m, q).index_add_(0, neuron, spectrum.vectors[kept])
+    values = spectrum.eigenvalues.new_zeros(m).index_add_(0, neuron, spectrum.eigenvalues[kept])
+    up = spectrum.vectors.new_zeros(num_outputs, m)
+    up[torch.tensor(list(row_of_neuron)), torch.arange(m)] = 1.0
+    return Directions(down, up, values, "coordinate")
+
+
+def optimized_directions(
+    operator: BlockOperator,
+    spectrum: Spectrum,
+    num_neurons: int,
+    iterations: int = 20,
+    tol: float = 1e-10,
+) -> Directions:
+    """Greedy alternating ascent on F(u, w) = c sum_n (u . p_n)(w . z_n)^2 with |u| = |w| = 1.
+
+    Neuron j starts from the j-th best axis (the coordinate solution), keeps u orthogonal to the earlier
+    columns, and alternates: w = top eigenvector of sum_r u_r Q^(r); u = normalise(projected
+    (w^T Q^(r) w)_r). Each step cannot lower F, so the result is >= the best axis value.
+    """
+    d_out, q = operator.num_outputs, operator.num_features
+    start_rows = []
+    for r in spectrum.rows.tolist():
+        if r not in start_rows:
+            start_rows.append(r)
+    ups, downs, values = [], [], []
+    for j in range(num_neurons):
+        u = spectrum.vectors.new_zeros(d_out)
+        if j < len(start_rows):
+            u[start_rows[j]] = 1.0
+            w = spectrum.vectors[spectrum.rows.tolist().index(start_rows[j])].clone()
+        else:
+            u = torch.randn(d_out, dtype=u.dtype)
+            w = torch.randn(q, dtype=u.dtype)
+        u = _orthogonalise(u, ups)
+        w = w / w.norm()
+        value = float(u @ operator.quadratic_per_row(w))
+        for _ in range(iterations):
+            gains = operator.quadratic_per_row(w)
+            u_new = _orthogonalise(gains, ups)
+            if not torch.isfinite(u_new).all():
+                break
+            mixture = operator.mixture(u_new)
+            eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (mixture + mixture.T))
+            new_value, w_new = float(eigenvalues[-1]), eigenvectors[:, -1]
+            if new_value <= value + tol * max(1.0, abs(value)):
+                if new_value > value:
+                    u, w, value = u_new, w_new, new_value
+                break
+            u, w, value = u_new, w_new, new_value
+        ups.append(u)
+        downs.append(w)
+        values.append(value)
+    return Directions(
+        torch.stack(downs), torch.stack(ups, dim=1), torch.tensor(values, dtype=spectrum.vectors.dtype), "optimized"
+    )
+
+
+def _orthogonalise(vector: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
+    for b in basis:
+        vector = vector - (vector @ b) * b
+    return vector / vector.norm()
