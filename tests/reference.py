@@ -24,13 +24,13 @@ def square_layer(theta: torch.Tensor, width: int, layout: str, kernel_size: int,
     return layer
 
 
-def objective(model, batches, tap: Tap, width: int, layout: str, kernel_size: int = 3, activation=None):
+def objective(model, batches, loss_fn, tap: Tap, width: int, layout: str, kernel_size: int = 3, activation=None):
+    """J(theta): the mean batch loss with the square layer at the tap."""
     activation = activation or SiLUTanh()
 
     def J(theta: torch.Tensor) -> torch.Tensor:
         with transform_stream(tap, square_layer(theta, width, layout, kernel_size, activation)):
-            return sum(batch_loss(model, b, None if isinstance(b, dict) else torch.nn.functional.mse_loss)
-                       for b in batches) / len(batches)
+            return sum(batch_loss(model, b, loss_fn) for b in batches) / len(batches)
 
     return J
 
