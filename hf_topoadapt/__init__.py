@@ -2,14 +2,20 @@
 derivative of the loss (arXiv 2502.06885)."""
 
 from .activations import InadmissibleActivationError, SiLUTanh, check_activation
-from .config import ScoringConfig
-from .insertion import InsertionRecord, insert_layer
-from .layers import TopoAdapter
-from .locate import PositionsNotFoundError
-from .scoring import PositionScore, score_positions
-from .sensitivity.objective import CalibrationDataError
 
 __version__ = "0.1.0"
+
+from .config import ScoringConfig, TopoAdapterConfig  # noqa: E402
+from .insertion import InsertionRecord, insert_layer  # noqa: E402
+from .layers import TopoAdapter  # noqa: E402
+from .locate import PositionsNotFoundError  # noqa: E402
+from .model import TopoModel, get_topo_model  # noqa: E402
+from .peft_registry import register as _register_with_peft  # noqa: E402
+from .report import TopoReport  # noqa: E402
+from .scoring import PositionScore, score_positions  # noqa: E402
+from .sensitivity.objective import CalibrationDataError  # noqa: E402
+
+_register_with_peft()
 
 __all__ = [
     "CalibrationDataError",
@@ -20,7 +26,11 @@ __all__ = [
     "ScoringConfig",
     "SiLUTanh",
     "TopoAdapter",
+    "TopoAdapterConfig",
+    "TopoModel",
+    "TopoReport",
     "check_activation",
+    "get_topo_model",
     "insert_layer",
     "score_positions",
 ]

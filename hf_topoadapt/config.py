@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft import PeftConfig
+
+from .activations import ACTIVATIONS
 
 SOLVERS = ("auto", "exact", "lanczos")
 DIRECTIONS = ("coordinate", "optimized")
@@ -66,6 +69,10 @@ class ScoringConfig:
         default=0.5, metadata={"help": "Keep neurons whose eigenvalue is >= (1 - eps_s) * the largest one."}
     )
     max_neurons: int | None = field(default=16, metadata={"help": "Cap on neurons of one inserted layer."})
+    neurons: int | None = field(
+        default=None,
+        metadata={"help": "Fixed neurons per layer (the top eigenpairs with a positive eigenvalue); None: eps_s rule."},
+    )
     directions: str = field(
         default="coordinate",
         metadata={"help": "'coordinate': the paper's layer (output axes); 'optimized': METHOD.md section 5."},
@@ -79,7 +86,10 @@ class ScoringConfig:
         metadata={"help": "First step: the eps whose predicted loss decrease is this fraction of the loss."},
     )
     line_search_growth: float = field(default=2.0, metadata={"help": "Factor between consecutive steps."})
-    line_search_steps: int = field(default=14, metadata={"help": "Steps per sign."})
+    line_search_steps: int = field(
+        default=8,
+        metadata={"help": "Steps per sign (the last one predicts a decrease ~16x the loss, far past the model)."},
+    )
     compute_dtype: torch.dtype | str | None = field(
         default=None,
         metadata={"help": "dtype of the numerics: None is float64 for a float64 model and float32 otherwise."},
@@ -97,6 +107,8 @@ class ScoringConfig:
             raise ValueError(f"directions must be one of {DIRECTIONS}, got {self.directions!r}")
         if not 0.0 <= self.eps_s < 1.0:
             raise ValueError(f"eps_s must be in [0, 1), got {self.eps_s}")
+        if self.neurons is not None and self.neurons < 1:
+            raise ValueError(f"neurons must be >= 1 or None (eps_s rule), got {self.neurons}")
         if self.max_neurons is not None and self.max_neurons < 1:
             raise ValueError(f"max_neurons must be >= 1 or None, got {self.max_neurons}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
@@ -110,7 +122,7 @@ class ScoringConfig:
     def from_any(cls, config: Any) -> ScoringConfig:
         if config is None:
             return cls()
-        if isinstance(config, cls):
+        if type(config) is cls:
             return config
         names = {f.name for f in dataclasses.fields(cls)}
         if isinstance(config, dict):
@@ -119,3 +131,86 @@ class ScoringConfig:
                 raise ValueError(f"unknown scoring settings {sorted(unknown)}; known: {sorted(names)}")
             return cls(**config)
         return cls(**{name: getattr(config, name) for name in names if hasattr(config, name)})
+
+
+TOPO_PEFT_TYPE = "TOPO"
+INITS = ("eigen", "random")
+
+
+@dataclass
+class _TopoAdapterFields:
+    num_adapters: int = field(default=1, metadata={"help": "How many layers to insert: at the top-k ranked positions."})
+    train_up: bool = field(
+        default=False,
+        metadata={"help": "Train the output directions U too (a superset of the paper, which keeps them fixed)."},
+    )
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Fixed-positions mode: insert at exactly these positions and skip ranking. Filled in with the "
+            "chosen positions after get_topo_model, so a saved adapter loads at the same places."
+        },
+    )
+    init: str = field(
+        default="eigen",
+        metadata={
+            "help": "'eigen': eigenvector initialisation with a line-searched step; 'random': small random rows."
+        },
+    )
+    init_scale: float = field(default=1e-2, metadata={"help": "Std of the 'random' initialisation."})
+    adapter_shapes: dict | None = field(
+        default=None,
+        metadata={"help": "Filled in by get_topo_model: {position: {width, neurons, layout, where, module}}."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. the new head."}
+    )
+    calibration_batches: int | None = field(
+        default=None, metadata={"help": "Use at most this many calibration batches (None: all)."}
+    )
+    topo_version: str = field(default="", metadata={"help": "hf_topoadapt version that wrote this config."})
+
+
+@dataclass
+class TopoAdapterConfig(PeftConfig, _TopoAdapterFields, ScoringConfig):
+    """PEFT configuration of topological-derivative adapters (peft_type "TOPO").
+
+    Every `ScoringConfig` field (where layers may go, solver, eps_s rule, line search) is available and
+    saved in adapter_config.json, plus how many layers to insert and how they train.
+    """
+
+    def __post_init__(self) -> None:
+        PeftConfig.__post_init__(self)
+        self.peft_type = TOPO_PEFT_TYPE
+        if not isinstance(self.activation, str):
+            raise ValueError(
+                "TopoAdapterConfig.activation must be a name (it is saved to JSON): one of "
+                f"{sorted(ACTIVATIONS)}; pass a custom module to ScoringConfig / insert_layer instead"
+            )
+        if isinstance(self.compute_dtype, torch.dtype):
+            self.compute_dtype = str(self.compute_dtype).removeprefix("torch.")
+        if self.num_adapters < 1:
+            raise ValueError(f"num_adapters must be >= 1, got {self.num_adapters}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("target_modules is an empty list: name positions, or pass None to rank them all")
+        self.scoring_config()  # validates the shared fields
+
+    def scoring_config(self, **overrides) -> ScoringConfig:
+        """The scoring and insertion settings as a ScoringConfig."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ScoringConfig)}
+        return ScoringConfig(**{**values, **overrides})
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """Loading: a config written by a newer hf_topoadapt, or with settings this version does not know, is an
+        error rather than a silent drop (peft's default for unknown keys)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(
+                f"adapter_config.json has settings this hf_topoadapt does not know: {unknown}. It was probably written "
+                f"by a newer version ({kwargs.get('topo_version') or 'unknown'}); upgrade hf_topoadapt to load it"
+            )
+        return kwargs

@@ -14,7 +14,6 @@ the block keeps its module path and every existing checkpoint key stays the same
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 
 import torch
@@ -23,7 +22,7 @@ from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 from .activations import resolve_activation
-from .sensitivity.capture import Tap, add_stream_hook, transform_stream
+from .sensitivity.capture import Tap, first_tensor, input_state, replace_first_tensor, transform_stream
 from .sensitivity.directions import Directions
 
 ADAPTER_ATTRIBUTE = {"output": "topo_adapter", "input": "topo_adapter_input"}
@@ -97,26 +96,60 @@ class TopoAdapter(nn.Module):
         return adapter.set_directions(directions, eps)
 
 
-# The hook handle of each attached adapter; weak so a deleted model takes its entries with it.
-_HANDLES: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
+class AdapterHook:
+    """Applies the child adapter `attribute` of the hooked module to its output (or first input).
+
+    A plain object rather than a closure, so a model with attached adapters still pickles and
+    deep-copies; it looks the adapter up at call time, so replacing the child needs no new hook.
+    """
+
+    def __init__(self, attribute: str, where: str):
+        self.attribute, self.where = attribute, where
+
+    def __call__(self, module: nn.Module, args, *rest):
+        adapter = getattr(module, self.attribute)
+        if self.where == "output":
+            (output,) = rest
+            return replace_first_tensor(output, adapter(first_tensor(output)))
+        (kwargs,) = rest
+        state, slot = input_state(args, kwargs)
+        if isinstance(slot, int):
+            return (adapter(state), *args[1:]), kwargs
+        return args, {**kwargs, slot: adapter(state)}
 
 
-def attach(tap: Tap, adapter: nn.Module) -> None:
+def register_adapter_hook(module: nn.Module, attribute: str, where: str) -> RemovableHandle:
+    hook = AdapterHook(attribute, where)
+    if where == "output":
+        return module.register_forward_hook(hook, prepend=True)
+    return module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+
+
+def find_adapter_hooks(module: nn.Module, attribute: str) -> list[int]:
+    """Ids of the module's hooks that apply its child `attribute`."""
+    hooks = {**module._forward_hooks, **module._forward_pre_hooks}
+    return [key for key, hook in hooks.items() if isinstance(hook, AdapterHook) and hook.attribute == attribute]
+
+
+def attach(tap: Tap, adapter: nn.Module, attribute: str | None = None) -> None:
     """Inserts the adapter at the tap for good: a child of the tapped module plus a hook."""
-    attribute = ADAPTER_ATTRIBUTE[tap.where]
+    attribute = attribute or ADAPTER_ATTRIBUTE[tap.where]
     if hasattr(tap.module, attribute):
         raise ValueError(f"{tap.name} already carries a {attribute}; detach it first")
     tap.module.add_module(attribute, adapter)
-    _HANDLES[adapter] = add_stream_hook(tap, adapter)
+    register_adapter_hook(tap.module, attribute, tap.where)
 
 
-def detach(tap: Tap) -> nn.Module:
+def detach(tap: Tap, attribute: str | None = None) -> nn.Module:
     """Removes the adapter inserted at the tap and returns it."""
-    attribute = ADAPTER_ATTRIBUTE[tap.where]
+    attribute = attribute or ADAPTER_ATTRIBUTE[tap.where]
     adapter = getattr(tap.module, attribute, None)
     if adapter is None:
         raise ValueError(f"{tap.name} carries no {attribute}")
-    _HANDLES.pop(adapter).remove()
+    for key in find_adapter_hooks(tap.module, attribute):
+        tap.module._forward_hooks.pop(key, None)
+        tap.module._forward_pre_hooks.pop(key, None)
+        tap.module._forward_pre_hooks_with_kwargs.pop(key, None)
     delattr(tap.module, attribute)
     return adapter
 

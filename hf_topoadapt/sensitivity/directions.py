@@ -34,18 +34,27 @@ class Directions:
 
 
 def kept_eigenpairs(spectrum: Spectrum, eps_s: float, max_neurons: int | None) -> torch.Tensor:
-    """Indices into the spectrum of the eigenpairs with lambda_i >= (1 - eps_s) * lambda_1 (> 0), capped."""
+    """Indices into the spectrum of the eigenpairs with lambda_i >= (1 - eps_s) * lambda_1 and lambda_i > 0, in
+    descending order, stopping before the pair that would need neuron number max_neurons + 1."""
     top = spectrum.top
     if top <= 0:
         return torch.zeros(0, dtype=torch.long)
-    keep = torch.nonzero(spectrum.eigenvalues >= (1.0 - eps_s) * top).flatten()
-    return keep[:max_neurons] if max_neurons is not None else keep
+    candidates = torch.nonzero((spectrum.eigenvalues >= (1.0 - eps_s) * top) & (spectrum.eigenvalues > 0)).flatten()
+    rows_seen: set[int] = set()
+    kept = []
+    for index in candidates.tolist():
+        row = int(spectrum.rows[index])
+        if row not in rows_seen and max_neurons is not None and len(rows_seen) >= max_neurons:
+            continue
+        rows_seen.add(row)
+        kept.append(index)
+    return torch.tensor(kept, dtype=torch.long)
 
 
 def coordinate_directions(
     spectrum: Spectrum, num_outputs: int, eps_s: float = 0.5, max_neurons: int | None = None
 ) -> Directions:
-    """The paper's layer: one neuron per output row r that owns a kept eigenvector.
+    """The paper's layer: one neuron per output row r that owns a kept eigenvector (at most max_neurons rows).
 
     Kept eigenvectors of the same block are summed into that row; being orthogonal, their gains add.
     """

@@ -1,0 +1,77 @@
+"""Loading saved topo adapters, safetensors only, with clear errors for files that do not fit."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from peft import PeftConfig
+from torch import nn
+
+from .config import TOPO_PEFT_TYPE, TopoAdapterConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def check_saved_adapter(model_id: str) -> None:
+    """A local folder must hold the config and the safetensors weights (no pickle files are read)."""
+    if not os.path.isdir(model_id):
+        return  # a Hub id: peft downloads the same two files through huggingface_hub
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(model_id, name))]
+    if missing:
+        raise FileNotFoundError(
+            f"{model_id} is not a saved topo adapter: missing {missing}. Save one with TopoModel.save_pretrained(path) "
+            "(only safetensors weights are loaded)"
+        )
+    with open(os.path.join(model_id, CONFIG_NAME)) as f:
+        peft_type = json.load(f).get("peft_type")
+    if peft_type != TOPO_PEFT_TYPE:
+        raise ValueError(f"{model_id} holds a {peft_type!r} adapter, not a topo adapter (peft_type 'TOPO')")
+
+
+def check_fits(model: nn.Module, config: TopoAdapterConfig) -> None:
+    """Every adapter's module must exist in the base model, with a matching hidden size where it can be told."""
+    problems = []
+    for position, shape in (config.adapter_shapes or {}).items():
+        try:
+            module = model.get_submodule(shape["module"])
+        except AttributeError:
+            problems.append(f"{position}: module {shape['module']!r} does not exist")
+            continue
+        widths = {p.shape[0] for p in module.parameters() if p.ndim >= 1}
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if shape["layout"] == "tokens" and hidden is not None and hidden != shape["width"]:
+            problems.append(f"{position}: adapter width {shape['width']} but the model's hidden size is {hidden}")
+        elif not widths:
+            problems.append(f"{position}: module {shape['module']!r} has no parameters to check against")
+    if problems:
+        raise ValueError(
+            "the saved topo adapter does not fit this base model: "
+            + "; ".join(problems)
+            + f". It was made for {config.base_model_name_or_path or 'another model'}"
+        )
+
+
+def load_topo_model(
+    cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs
+):
+    from .model import REPORT_NAME
+    from .report import TopoReport
+
+    check_saved_adapter(model_id)
+    config = PeftConfig.from_pretrained(model_id, **{k: v for k, v in kwargs.items() if k in ("subfolder", "revision")})
+    if not isinstance(config, TopoAdapterConfig):
+        raise ValueError(f"{model_id} does not hold a topo adapter config")
+    check_fits(model, config)
+    config.inference_mode = not is_trainable
+    peft_model = cls(model, config, adapter_name)
+    result = peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, use_safetensors=True, **kwargs)
+    missing = [k for k in result.missing_keys if "topo_" in k]
+    if missing:
+        raise ValueError(f"the saved weights miss adapter tensors {missing[:5]}: the file does not match its config")
+    report_path = os.path.join(model_id, REPORT_NAME)
+    if os.path.isfile(report_path):
+        with open(report_path) as f:
+            peft_model.topo_report = TopoReport.from_dict(json.load(f))
+    return peft_model

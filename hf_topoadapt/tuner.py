@@ -1,0 +1,150 @@
+"""The PEFT tuner: topo adapters as peft `BaseTunerLayer`s, so `PeftModel` gives save/load, the Hub,
+disable_adapter, several adapters and trainable-parameter accounting.
+
+Unlike LoRA, a topo layer does not replace its target: it becomes a child of the block it follows
+(`topo_adapter`, or `topo_adapter_input` for the stream entering the first block) and a hook applies it,
+so module paths and every base checkpoint key stay unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from torch.nn import functional as F
+
+from .activations import resolve_activation
+from .layers import ADAPTER_ATTRIBUTE, TopoAdapter, find_adapter_hooks, register_adapter_hook
+
+PREFIX = "topo_"
+
+
+class TopoLayer(nn.Module, BaseTunerLayer):
+    """h + sum over active adapters of U sigma(D h + b), one (D, b, U) per adapter name."""
+
+    adapter_layer_names = ("topo_down", "topo_up")
+    other_param_names = ("topo_layout", "topo_activation")
+
+    def __init__(self, width: int, layout: str, kernel_size: int = 3):
+        super().__init__()
+        self.width, self.layout, self.kernel_size = width, layout, kernel_size
+        self.topo_down = nn.ModuleDict()
+        self.topo_up = nn.ParameterDict()
+        self.topo_activation = nn.ModuleDict()
+        self.topo_layout = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._active_adapter = "default"
+        self.frozen_peft_weight_names = {}
+
+    def update_layer(
+        self, adapter_name: str, num_neurons: int, activation: str, train_up: bool, dtype=None, device=None
+    ) -> None:
+        factory = {"dtype": dtype, "device": device}
+        if self.layout == "channels":
+            down = nn.Conv2d(self.width, num_neurons, self.kernel_size, padding=self.kernel_size // 2, **factory)
+        else:
+            down = nn.Linear(self.width, num_neurons, **factory)
+        nn.init.zeros_(down.weight)
+        nn.init.zeros_(down.bias)
+        self.topo_down[adapter_name] = down
+        self.topo_up[adapter_name] = nn.Parameter(torch.zeros(self.width, num_neurons, **factory))
+        self.topo_activation[adapter_name], _ = resolve_activation(activation)
+        if not train_up:
+            self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("topo_up",)}
+        self.set_adapter(self.active_adapters)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.disable_adapters:
+            return h
+        out = h
+        for name in self.active_adapters:
+            if name not in self.topo_down:
+                continue
+            hidden = self.topo_activation[name](self.topo_down[name](h))
+            up = self.topo_up[name]
+            if self.layout == "channels":
+                out = out + F.conv2d(hidden, up[:, :, None, None])
+            else:
+                out = out + F.linear(hidden, up)
+        return out
+
+    def to_plain(self, adapter_name: str) -> TopoAdapter:
+        """The adapter as a plain `TopoAdapter` (for merge_and_unload)."""
+        down, up = self.topo_down[adapter_name], self.topo_up[adapter_name]
+        plain = TopoAdapter(
+            self.width,
+            up.shape[1],
+            self.layout,
+            self.kernel_size,
+            self.topo_activation[adapter_name],
+            dtype=up.dtype,
+            device=up.device,
+        )
+        plain.load_state_dict({"down.weight": down.weight, "down.bias": down.bias, "up": up})
+        return plain
+
+
+class TopoTuner(BaseTuner):
+    prefix = PREFIX
+    tuner_layer_cls = TopoLayer
+    target_module_mapping: dict = {}
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if not peft_config.adapter_shapes:
+            raise ValueError(
+                "this TopoAdapterConfig has no adapter_shapes: create the model with hf_topoadapt.get_topo_model("
+                "model, config, calibration_data=...) (which scores and fills them) or load a saved adapter"
+            )
+        return peft_config
+
+    def _check_target_module_exists(self, peft_config, key: str) -> bool:
+        return any(shape["module"] == key for shape in peft_config.adapter_shapes.values())
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        parameter = next(iter(target.parameters()), None)
+        dtype = parameter.dtype if parameter is not None else None
+        device = parameter.device if parameter is not None else None
+        for shape in peft_config.adapter_shapes.values():
+            if shape["module"] != current_key:
+                continue
+            attribute = ADAPTER_ATTRIBUTE[shape["where"]]
+            layer = getattr(target, attribute, None)
+            if layer is None:
+                layer = TopoLayer(shape["width"], shape["layout"], peft_config.kernel_size)
+                target.add_module(attribute, layer)
+                register_adapter_hook(target, attribute, shape["where"])
+            elif not isinstance(layer, TopoLayer):
+                raise ValueError(f"{current_key}.{attribute} exists and is not a topo layer")
+            layer.update_layer(
+                adapter_name, shape["neurons"], peft_config.activation, peft_config.train_up, dtype, device
+            )
+
+    def _topo_layers(self):
+        for name, module in list(self.model.named_modules()):
+            for attribute in ADAPTER_ATTRIBUTE.values():
+                layer = getattr(module, attribute, None)
+                if isinstance(layer, TopoLayer):
+                    yield name, module, attribute, layer
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        """merge: every topo layer becomes a plain `TopoAdapter` child (the new layers stay, built in; a nonlinear
+        layer cannot be folded into existing weights). unload: the layers and their hooks are removed."""
+        for _, module, attribute, layer in list(self._topo_layers()):
+            names = [n for n in (adapter_names or layer.active_adapters) if n in layer.topo_down]
+            if merge and len(names) > 1:
+                raise ValueError(f"merging {len(names)} topo adapters at one position is not supported; pick one")
+            if merge and names and not layer.disable_adapters:
+                module.add_module(attribute, layer.to_plain(names[0]))
+                continue
+            for key in find_adapter_hooks(module, attribute):
+                module._forward_hooks.pop(key, None)
+                module._forward_pre_hooks.pop(key, None)
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+            delattr(module, attribute)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    def _check_merge_allowed(self):
+        return None
