@@ -6,6 +6,7 @@ insertion is governed by the second-order term c = sigma''(0). ReLU, GELU and ta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -38,6 +39,7 @@ class InadmissibleActivationError(ValueError):
     """The activation breaks sigma(0) = sigma'(0) = 0 != sigma''(0)."""
 
 
+@torch.enable_grad()  # scoring may run under torch.no_grad()
 def derivatives_at_zero(fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float, float]:
     """Returns (sigma(0), sigma'(0), sigma''(0)) by float64 autograd."""
     x = torch.zeros((), dtype=torch.float64, requires_grad=True)
@@ -58,14 +60,19 @@ def check_activation(fn: Callable[[torch.Tensor], torch.Tensor], tol: float = 1e
     value, slope, curvature = derivatives_at_zero(fn)
     name = getattr(fn, "__name__", type(fn).__name__)
     problems = []
-    if abs(value) > tol:
+    if not all(math.isfinite(x) for x in (value, slope, curvature)):
+        problems.append(
+            f"its value and derivatives at 0 are not all finite (sigma(0) = {value}, sigma'(0) = {slope}, "
+            f"sigma''(0) = {curvature})"
+        )
+    elif abs(value) > tol:
         problems.append(f"sigma(0) = {value:.3g} (must be 0: the new layer must start as the identity)")
-    if abs(slope) > tol:
+    if math.isfinite(slope) and abs(slope) > tol:
         problems.append(
             f"sigma'(0) = {slope:.3g} (must be 0: otherwise the first-order term does not vanish "
             "and the topological derivative is not the eigenvalue problem of METHOD.md)"
         )
-    if abs(curvature) <= tol:
+    if math.isfinite(curvature) and abs(curvature) <= tol:
         problems.append("sigma''(0) = 0 (must be non-zero: it scales the whole second-order term)")
     if problems:
         raise InadmissibleActivationError(

@@ -115,8 +115,18 @@ class ScoringConfig:
             raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.line_search_start <= 0 or self.line_search_growth <= 1 or self.line_search_steps < 1:
+            raise ValueError(
+                "line search needs line_search_start > 0, line_search_growth > 1 and line_search_steps >= 1; got "
+                f"{self.line_search_start}, {self.line_search_growth}, {self.line_search_steps}"
+            )
         if isinstance(self.compute_dtype, str):
-            self.compute_dtype = getattr(torch, self.compute_dtype)
+            dtype = getattr(torch, self.compute_dtype, None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(
+                    f"compute_dtype {self.compute_dtype!r} is not a torch floating dtype: use 'float32' or 'float64'"
+                )
+            self.compute_dtype = dtype
 
     @classmethod
     def from_any(cls, config: Any) -> ScoringConfig:

@@ -112,7 +112,7 @@ def insert_layer(
         def loss_at(eps: float) -> float:
             adapter.set_directions(directions, eps)
             with attached(tap, adapter):
-                return mean_loss(model, batches, loss_fn)
+                return mean_loss(model, batches, loss_fn, nonfinite_ok=True)
 
         # First step: the one whose predicted decrease is line_search_start of the loss.
         start = (2.0 * config.line_search_start * max(abs(base_loss), 1e-12) / directions.value) ** 0.5

@@ -131,18 +131,33 @@ def find_adapter_hooks(module: nn.Module, attribute: str) -> list[int]:
     return [key for key, hook in hooks.items() if isinstance(hook, AdapterHook) and hook.attribute == attribute]
 
 
-def attach(tap: Tap, adapter: nn.Module, attribute: str | None = None) -> None:
-    """Inserts the adapter at the tap for good: a child of the tapped module plus a hook."""
-    attribute = attribute or ADAPTER_ATTRIBUTE[tap.where]
-    if hasattr(tap.module, attribute):
-        raise ValueError(f"{tap.name} already carries a {attribute}; detach it first")
+def attached_names(tap: Tap) -> list[str]:
+    """Child names of the adapters attached at the tap, oldest first: topo_adapter, topo_adapter_1, ..."""
+    base = ADAPTER_ATTRIBUTE[tap.where]
+    names = []
+    while hasattr(tap.module, base if not names else f"{base}_{len(names)}"):
+        names.append(base if not names else f"{base}_{len(names)}")
+    return names
+
+
+def attach(tap: Tap, adapter: nn.Module) -> str:
+    """Inserts the adapter at the tap for good (a child of the tapped module plus a hook) and returns its child name.
+
+    A tap that already carries adapters gets another one right at the tap, before the earlier ones, which is
+    where scoring and the line search (whose hooks also run first) evaluated it.
+    """
+    names = attached_names(tap)
+    attribute = ADAPTER_ATTRIBUTE[tap.where] + (f"_{len(names)}" if names else "")
+    adapter.train(tap.module.training)
     tap.module.add_module(attribute, adapter)
     register_adapter_hook(tap.module, attribute, tap.where)
+    return attribute
 
 
 def detach(tap: Tap, attribute: str | None = None) -> nn.Module:
-    """Removes the adapter inserted at the tap and returns it."""
-    attribute = attribute or ADAPTER_ATTRIBUTE[tap.where]
+    """Removes an adapter inserted at the tap (the most recent one by default) and returns it."""
+    names = attached_names(tap)
+    attribute = attribute or (names[-1] if names else ADAPTER_ATTRIBUTE[tap.where])
     adapter = getattr(tap.module, attribute, None)
     if adapter is None:
         raise ValueError(f"{tap.name} carries no {attribute}")

@@ -51,8 +51,8 @@ def get_submodule(model: nn.Module, path: str, what: str = "module") -> nn.Modul
         raise PositionsNotFoundError(f"{what} path {path!r} does not exist in {type(model).__name__}.{hint}") from None
 
 
-def _is_block_list(module: nn.Module) -> bool:
-    if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+def _is_block_list(module: nn.Module, min_blocks: int = 2) -> bool:
+    if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < min_blocks:
         return False
     return len({type(child) for child in module}) == 1
 
@@ -73,7 +73,7 @@ def find_block_list(model: nn.Module, block_path: str | None = None) -> tuple[st
             module = model.get_submodule(path)
         except AttributeError:
             continue
-        if _is_block_list(module):
+        if _is_block_list(module, min_blocks=1):  # a known path may hold a single block
             return path, list(module)
     candidates = [
         (sum(p.numel() for p in module.parameters()), name, module)

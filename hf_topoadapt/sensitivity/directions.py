@@ -35,7 +35,7 @@ class Directions:
 
 def kept_eigenpairs(spectrum: Spectrum, eps_s: float, max_neurons: int | None) -> torch.Tensor:
     """Indices into the spectrum of the eigenpairs with lambda_i >= (1 - eps_s) * lambda_1 and lambda_i > 0, in
-    descending order, stopping before the pair that would need neuron number max_neurons + 1."""
+    descending order, skipping those that would need a neuron (output row) beyond the first max_neurons."""
     top = spectrum.top
     if top <= 0:
         return torch.zeros(0, dtype=torch.long)

@@ -20,6 +20,10 @@ class CalibrationDataError(ValueError):
     """The calibration data or the loss it gives is unusable."""
 
 
+class NonFiniteLossError(CalibrationDataError):
+    """A batch loss is NaN or infinite."""
+
+
 def materialize(data: Iterable) -> list:
     """Calibration data is read several times (scoring, then the line search), so a one-shot
     iterator is turned into a list; a list, dataset or DataLoader is left as it is."""
@@ -98,15 +102,26 @@ def batch_loss(model: nn.Module, batch, loss_fn: LossFn | None, index: int = 0) 
         )
     loss = loss.reshape(())
     if not torch.isfinite(loss):
-        raise CalibrationDataError(
-            f"the loss of calibration batch {index} is {float(loss)}: check the inputs and labels of that batch "
-            "(NaN or infinite values, labels out of range) and the model's dtype"
+        raise NonFiniteLossError(
+            f"the loss of calibration batch {index} is {float(loss.detach())}: check the inputs and labels of that "
+            "batch (NaN or infinite values, labels out of range) and the model's dtype"
         )
     return loss
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, batches: list, loss_fn: LossFn | None) -> float:
-    """J: the average of the batch losses, every batch with equal weight."""
-    total = math.fsum(float(batch_loss(model, batch, loss_fn, i)) for i, batch in enumerate(batches))
+def mean_loss(model: nn.Module, batches: list, loss_fn: LossFn | None, nonfinite_ok: bool = False) -> float:
+    """J: the average of the batch losses, every batch with equal weight.
+
+    With nonfinite_ok, a NaN or infinite batch loss gives J = inf instead of an error (a trial step of a line
+    search that overflowed is a bad step, not bad data).
+    """
+    total = 0.0
+    for i, batch in enumerate(batches):
+        try:
+            total = math.fsum([total, float(batch_loss(model, batch, loss_fn, i))])
+        except NonFiniteLossError:
+            if not nonfinite_ok:
+                raise
+            return math.inf
     return total / len(batches)
