@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 
 import torch
+from huggingface_hub import HfApi
 from peft import PeftModel
 from torch import nn
 
@@ -21,6 +23,7 @@ from .config import TopoAdapterConfig
 from .insertion import InsertionRecord, insert_layer
 from .layers import ADAPTER_ATTRIBUTE, TopoAdapter, detach
 from .locate import Position, find_positions
+from .model_cards import render_model_card
 from .report import TopoReport
 from .sensitivity.capture import transform_stream
 from .sensitivity.features import layout_of
@@ -35,18 +38,56 @@ class TopoModel(PeftModel):
 
     topo_report: TopoReport | None = None
 
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+    def save_pretrained(
+        self, save_directory: str, adapter_id: str | None = None, training: str | None = None, **kwargs
+    ) -> None:
+        """peft's adapter_config.json and adapter_model.safetensors, plus topo_report.json and our model card.
+
+        Args:
+            adapter_id: the Hub id or path people will load it from (shown in the card).
+            training: a markdown paragraph on the training data and metrics, for the card.
+        """
         super().save_pretrained(save_directory, **kwargs)
         if not kwargs.get("is_main_process", True):
             return
         report = self.topo_report or TopoReport()
         with open(os.path.join(save_directory, REPORT_NAME), "w") as f:
             json.dump(report.as_dict(), f, indent=2)
-        from .model_cards import render_model_card
-
-        card = render_model_card(self.peft_config[self.active_adapter], report)
+        card = render_model_card(
+            self.peft_config[self.active_adapter], report, adapter_id or save_directory, training or self.training_note
+        )
         with open(os.path.join(save_directory, "README.md"), "w") as f:
             f.write(card)
+
+    training_note: str | None = None
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload topo adapter",
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        api: HfApi | None = None,
+    ):
+        """Uploads the saved adapter folder (config, safetensors weights, report, model card) with huggingface_hub.
+
+        transformers' own push_to_hub would replace the card with a generic one, hence this override.
+        """
+        api = api or HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, adapter_id=repo_id)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+                token=token,
+            )
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default", **kwargs) -> TopoModel:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 
-from peft import PeftConfig
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .config import TOPO_PEFT_TYPE, TopoAdapterConfig
+from .layers import ADAPTER_ATTRIBUTE, find_adapter_hooks
+from .tuner import TopoLayer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -31,20 +33,27 @@ def check_saved_adapter(model_id: str) -> None:
 
 
 def check_fits(model: nn.Module, config: TopoAdapterConfig) -> None:
-    """Every adapter's module must exist in the base model, with a matching hidden size where it can be told."""
+    """Every adapter's module must exist in the base model, with a matching hidden size where it can be told:
+    the model config's hidden_size, else one of the sizes of the module's parameters (a block's norm or output
+    projection has the width of its stream). A module without parameters (an activation in a head) is not checked.
+    """
     problems = []
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     for position, shape in (config.adapter_shapes or {}).items():
         try:
             module = model.get_submodule(shape["module"])
         except AttributeError:
             problems.append(f"{position}: module {shape['module']!r} does not exist")
             continue
-        widths = {p.shape[0] for p in module.parameters() if p.ndim >= 1}
-        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        if shape["layout"] == "tokens" and hidden is not None and hidden != shape["width"]:
-            problems.append(f"{position}: adapter width {shape['width']} but the model's hidden size is {hidden}")
-        elif not widths:
-            problems.append(f"{position}: module {shape['module']!r} has no parameters to check against")
+        sizes = {size for p in module.parameters() for size in p.shape[:2]}
+        if shape["layout"] == "tokens" and hidden is not None:
+            if hidden != shape["width"]:
+                problems.append(f"{position}: adapter width {shape['width']} but the model's hidden size is {hidden}")
+        elif sizes and shape["width"] not in sizes:
+            problems.append(
+                f"{position}: adapter width {shape['width']} but module {shape['module']!r} has parameters of sizes "
+                f"{sorted(sizes)} only"
+            )
     if problems:
         raise ValueError(
             "the saved topo adapter does not fit this base model: "
@@ -60,18 +69,50 @@ def load_topo_model(
     from .report import TopoReport
 
     check_saved_adapter(model_id)
-    config = PeftConfig.from_pretrained(model_id, **{k: v for k, v in kwargs.items() if k in ("subfolder", "revision")})
+    # TopoAdapterConfig's own check_kwargs refuses unknown settings; PeftConfig.from_pretrained would drop them.
+    config = TopoAdapterConfig.from_pretrained(
+        model_id, **{k: v for k, v in kwargs.items() if k in ("subfolder", "revision")}
+    )
     if not isinstance(config, TopoAdapterConfig):
         raise ValueError(f"{model_id} does not hold a topo adapter config")
     check_fits(model, config)
     config.inference_mode = not is_trainable
-    peft_model = cls(model, config, adapter_name)
-    result = peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, use_safetensors=True, **kwargs)
-    missing = [k for k in result.missing_keys if "topo_" in k]
-    if missing:
-        raise ValueError(f"the saved weights miss adapter tensors {missing[:5]}: the file does not match its config")
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        peft_model = cls(model, config, adapter_name)
+        result = peft_model.load_adapter(
+            model_id, adapter_name, is_trainable=is_trainable, use_safetensors=True, **kwargs
+        )
+        missing = [k for k in result.missing_keys if "topo_" in k]
+        if missing:
+            raise ValueError(
+                f"the saved weights miss adapter tensors {missing[:5]}: the file does not match its config"
+            )
+    except Exception:
+        restore_base_model(model, requires_grad)
+        raise
     report_path = os.path.join(model_id, REPORT_NAME)
     if os.path.isfile(report_path):
         with open(report_path) as f:
             peft_model.topo_report = TopoReport.from_dict(json.load(f))
     return peft_model
+
+
+def restore_base_model(model: nn.Module, requires_grad: dict[str, bool]) -> None:
+    """Undoes a failed load: removes the topo layers and their hooks, puts back the modules wrapped for
+    modules_to_save, drops peft's config attribute and restores which parameters required grad."""
+    for name, module in list(model.named_modules()):
+        for attribute in ADAPTER_ATTRIBUTE.values():
+            if isinstance(getattr(module, attribute, None), TopoLayer):
+                for key in find_adapter_hooks(module, attribute):
+                    module._forward_hooks.pop(key, None)
+                    module._forward_pre_hooks.pop(key, None)
+                    module._forward_pre_hooks_with_kwargs.pop(key, None)
+                delattr(module, attribute)
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, module.original_module)
+    if "peft_config" in model.__dict__:
+        del model.peft_config
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))

@@ -102,7 +102,10 @@ class TopoTuner(BaseTuner):
         return any(shape["module"] == key for shape in peft_config.adapter_shapes.values())
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        parameter = next(iter(target.parameters()), None)
+        # a target without parameters (an activation inside a head) takes the model's dtype and device
+        parameter = next(target.parameters(), None)
+        if parameter is None:
+            parameter = next(self.model.parameters(), None)
         dtype = parameter.dtype if parameter is not None else None
         device = parameter.device if parameter is not None else None
         for shape in peft_config.adapter_shapes.values():
@@ -129,7 +132,8 @@ class TopoTuner(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         """merge: every topo layer becomes a plain `TopoAdapter` child (the new layers stay, built in; a nonlinear
-        layer cannot be folded into existing weights). unload: the layers and their hooks are removed."""
+        layer cannot be folded into existing weights). unload: the layers and their hooks are removed. Either way
+        peft's own pass then unwraps `modules_to_save`, so no peft class is left in the returned model."""
         for _, module, attribute, layer in list(self._topo_layers()):
             names = [n for n in (adapter_names or layer.active_adapters) if n in layer.topo_down]
             if merge and len(names) > 1:
@@ -142,9 +146,7 @@ class TopoTuner(BaseTuner):
                 module._forward_pre_hooks.pop(key, None)
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
             delattr(module, attribute)
-        if hasattr(self.model, "peft_config"):
-            del self.model.peft_config
-        return self.model
+        return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
 
     def _check_merge_allowed(self):
         return None
