@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import SOLVERS, ScoringConfig
+from .config import DIRECTIONS, SOLVERS, ScoringConfig
 from .locate import PositionsNotFoundError
 from .sensitivity.objective import CalibrationDataError
 
@@ -465,6 +465,68 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# hf-topoadapt adapt
+
+
+def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    group = parser.add_argument_group("adapters")
+    group.add_argument("--num-adapters", type=positive_int, default=2, help="layers to insert (default: %(default)s)")
+    group.add_argument(
+        "--neurons", type=positive_int, default=None, help="fixed neurons per layer (default: the eps_s rule)"
+    )
+    group.add_argument(
+        "--directions",
+        choices=DIRECTIONS,
+        default="coordinate",
+        help="'coordinate': the paper's layer; 'optimized': learned output directions (default: %(default)s)",
+    )
+    group.add_argument("--solver", choices=SOLVERS, default="auto", help="eigen-solver (default: %(default)s)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("outputs/adapt"),
+        help="where the adapter is saved in Hub format (default: %(default)s)",
+    )
+
+
+def run_adapt(args: argparse.Namespace) -> int:
+    from .config import TopoAdapterConfig
+    from .model import get_topo_model
+
+    texts, labels, names, num_labels, data_name = load_examples(args)
+    model, tokenizer, fresh = load_classifier(args.model, num_labels, args.seed)
+    batches = make_batches(model, tokenizer, texts, labels, args.max_length, args.batch_size)
+    head = [name for name in ("classifier", "score") if hasattr(model, name)]
+    config = TopoAdapterConfig(
+        num_adapters=args.num_adapters,
+        neurons=args.neurons,
+        directions=args.directions,
+        solver=args.solver,
+        block_path=args.block_path,
+        seed=args.seed,
+        progress=True,
+        modules_to_save=head or None,
+        base_model_name_or_path=resolve_model_path(args.model),
+    )
+    print(f"data: {data_name}: {len(texts)} texts, {num_labels} labels, {len(batches)} batches")
+    adapted = get_topo_model(model, config, calibration_data=batches)
+    print()
+    print(adapted.topo_report)
+    print()
+    adapted.print_trainable_parameters()
+    try:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"cannot create output directory {str(args.output_dir)!r}: {error.strerror}") from None
+    adapted.save_pretrained(str(args.output_dir))
+    tokenizer.save_pretrained(str(args.output_dir))
+    print(f"wrote the adapter to {args.output_dir} (adapter_config.json, adapter_model.safetensors, README.md)")
+    print(f"push it to the Hub with: hta.TopoModel.from_pretrained(base, '{args.output_dir}').push_to_hub('you/name')")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # The parser and main.
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
@@ -472,6 +534,11 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
         "rank every position of a model by the topological derivative of the loss (the model is not changed)",
         add_score_arguments,
         run_score,
+    ),
+    "adapt": (
+        "insert topo adapters at the best positions of a model and save them in Hub format (untrained)",
+        add_adapt_arguments,
+        run_adapt,
     ),
 }
 

@@ -249,3 +249,29 @@ def test_real_minilm_end_to_end(tmp_path, capsys):
     payload = json.loads((tmp_path / "scores.json").read_text())
     assert payload["model_class"] == "BertForSequenceClassification" and payload["fresh_head"] is True
     assert all(score["width"] == 384 for score in payload["scores"])
+
+
+def test_adapt_saves_a_loadable_adapter(tiny_bert, tmp_path, capsys):
+    from hf_topoadapt import TopoModel
+
+    out_dir = tmp_path / "adapted"
+    code = main(["adapt", "--model", tiny_bert, "--num-adapters", "2", "--output-dir", str(out_dir)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "trainable params:" in stdout and "| position | neurons |" in stdout
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md", "topo_report.json"):
+        assert (out_dir / name).is_file(), name
+    saved = json.loads((out_dir / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "TOPO" and 1 <= len(saved["target_modules"]) <= 2
+    assert saved["modules_to_save"] == ["classifier"]
+
+    # The saved adapter loads onto the same base and reproduces the adapted model's report and positions.
+    base, tokenizer, _ = load_classifier(tiny_bert, NUM_LABELS, 0)
+    loaded = TopoModel.from_pretrained(base, str(out_dir))
+    assert loaded.topo_report.chosen == saved["target_modules"]
+    batch = make_batches(base, tokenizer, ["a short text", "another one"], [0, 1], 16, 2)[0]
+    with torch.no_grad():
+        adapted = loaded(**batch).logits
+        with loaded.disable_adapter():
+            plain = loaded(**batch).logits
+    assert not torch.allclose(adapted, plain)
