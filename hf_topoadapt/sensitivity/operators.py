@@ -9,6 +9,9 @@ need, so the solvers never see which one they use.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -32,6 +35,10 @@ class BlockOperator:
         """Dense blocks Q^(r) for the given rows, shape (len(rows), q, q)."""
         raise NotImplementedError
 
+    def restrict(self, rows: torch.Tensor) -> BlockOperator:
+        """The operator made of the given blocks only (in that order), for repeated products with them."""
+        return _Rows(self, rows)
+
     def dense(self) -> torch.Tensor:
         """The whole operator as one dense (d_out*q x d_out*q) matrix, row-major in (r, feature) order.
 
@@ -39,6 +46,35 @@ class BlockOperator:
         """
         rows = torch.arange(self.num_outputs)
         return torch.block_diag(*self.blocks(rows))
+
+
+class _Rows(BlockOperator):
+    """A view on some blocks of another operator (the generic `restrict`)."""
+
+    def __init__(self, parent: BlockOperator, rows: torch.Tensor):
+        self.parent, self.rows = parent, rows
+        self.num_outputs, self.num_features = len(rows), parent.num_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parent.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parent.device
+
+    def apply(self, vectors, rows=None):
+        return self.parent.apply(vectors, self.rows if rows is None else self.rows[rows])
+
+    def quadratic_per_row(self, w):
+        return self.parent.quadratic_per_row(w)[self.rows]
+
+    def mixture(self, u):
+        full = u.new_zeros(self.parent.num_outputs).index_add_(0, self.rows, u)
+        return self.parent.mixture(full)
+
+    def blocks(self, rows):
+        return self.parent.blocks(self.rows[rows])
 
 
 class DenseBlocks(BlockOperator):
@@ -49,6 +85,10 @@ class DenseBlocks(BlockOperator):
     @property
     def dtype(self) -> torch.dtype:
         return self._blocks.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._blocks.device
 
     def apply(self, vectors, rows=None):
         selected = self._blocks if rows is None else self._blocks[rows]
@@ -63,6 +103,9 @@ class DenseBlocks(BlockOperator):
     def blocks(self, rows):
         return self._blocks[rows]
 
+    def restrict(self, rows):
+        return DenseBlocks(self._blocks[rows])
+
 
 class TokenPairs(BlockOperator):
     """Q from N captured pairs; `weight` rescales a token subsample back to the full sum."""
@@ -76,10 +119,14 @@ class TokenPairs(BlockOperator):
     def dtype(self) -> torch.dtype:
         return self.z.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.z.device
+
     def apply(self, vectors, rows=None):
         p = self.p if rows is None else self.p[:, rows]
         projections = self.z @ vectors.T  # (N, rows): z_n . v_r
-        return self.scale * (p * projections).T @ self.z
+        return (projections.mul_(p).T @ self.z).mul_(self.scale)
 
     def quadratic_per_row(self, w):
         return self.scale * ((self.z @ w) ** 2) @ self.p
@@ -89,16 +136,64 @@ class TokenPairs(BlockOperator):
         return self.scale * (self.z * weights[:, None]).T @ self.z
 
     def blocks(self, rows):
-        return self.scale * torch.einsum("nr,ni,nj->rij", self.p[:, rows], self.z, self.z)
+        return accumulate_blocks(self.z, self.p[:, rows], self.scale)
+
+    def restrict(self, rows):
+        """The chosen columns of p copied once (a gather per product would re-read all of p each time)."""
+        restricted = TokenPairs(self.z, self.p[:, rows].contiguous(), 1.0)
+        restricted.scale = self.scale
+        return restricted
+
+
+@contextlib.contextmanager
+def single_thread(tensor: torch.Tensor, work: float = 0.0, limit: float = 2**28) -> Iterator[None]:
+    """Runs the block with one intra-op thread when `tensor` is on the CPU and `work` (multiply-adds per
+    call) is below `limit`.
+
+    Small products and LAPACK calls on small matrices gain nothing from threads, while waking a thread
+    team costs a scheduler time slice whenever the cores are shared; MKL's threaded eigh of small matrices
+    was measured hundreds of times slower than the serial one on a busy 2-core machine.
+    """
+    threads = torch.get_num_threads()
+    if tensor.device.type != "cpu" or threads == 1 or work >= limit:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def accumulate_blocks(z: torch.Tensor, p: torch.Tensor, curvature: float) -> torch.Tensor:
-    """c * sum_n p[n, r] z_n z_n^T for every r, as a (d_out, q, q) tensor, one GEMM per row chunk."""
-    d_out, q = p.shape[1], z.shape[1]
+    """c * sum_n p[n, r] z_n z_n^T for every r, as a (d_out, q, q) tensor of exactly symmetric blocks.
+
+    Upper triangles only (half the work of full q x q products): per token chunk, the products
+    z_n[i] z_n[j] for i <= j are laid out as a (q(q+1)/2, chunk) matrix K, and one GEMM adds p^T K^T.
+    """
+    n, q = z.shape
+    d_out = p.shape[1]
+    offsets = [0]
+    for i in range(q):
+        offsets.append(offsets[-1] + q - i)
+    pairs = offsets[-1]
+    rows, cols = torch.triu_indices(q, q, device=z.device)
     out = z.new_empty(d_out, q, q)
-    # Chunk the rows so the (N, chunk, q) weighted copy of z stays small.
-    chunk = max(1, int(2**24 // max(1, z.shape[0] * q)))
-    for start in range(0, d_out, chunk):
-        weighted = p[:, start : start + chunk, None] * z[:, None, :]  # (N, chunk, q)
-        out[start : start + chunk] = torch.einsum("nri,nj->rij", weighted, z)
-    return out.mul_(curvature)
+    # Token chunks: on the CPU the (pairs, chunk) products stay in cache; elsewhere fewer, larger kernels.
+    chunk = 256 if z.device.type == "cpu" else max(64, min(4096, 2**25 // pairs))
+    products = z.new_empty(pairs, min(chunk, max(n, 1)))
+    # Row chunks keep the (rows, pairs) upper triangles under 2**26 entries (only very wide q needs more than one).
+    row_chunk = max(1, min(d_out, 2**26 // pairs))
+    with single_thread(z, work=n * pairs * d_out, limit=2**31):
+        for first in range(0, d_out, row_chunk):
+            upper = z.new_zeros(min(row_chunk, d_out - first), pairs)
+            for start in range(0, n, chunk):
+                part = z[start : start + chunk].T.contiguous()  # (q, m)
+                block = products[:, : part.shape[1]]
+                for i in range(q):  # rows offsets[i]..: z[i] * z[j] for j >= i
+                    torch.mul(part[i : i + 1], part[i:], out=block[offsets[i] : offsets[i + 1]])
+                upper.addmm_(p[start : start + chunk, first : first + row_chunk].T, block.T)
+            upper.mul_(curvature)
+            out[first : first + row_chunk, rows, cols] = upper
+            out[first : first + row_chunk, cols, rows] = upper
+    return out
