@@ -62,7 +62,7 @@ class ScoringConfig:
             "help": "Cap on tokens kept per position for the matrix-free solver (uniform subsample, reweighted)."
         },
     )
-    lanczos_screen_iterations: int = field(default=16, metadata={"help": "Lanczos steps run on every block."})
+    lanczos_screen_iterations: int = field(default=8, metadata={"help": "Lanczos steps run on every block."})
     lanczos_refine_iterations: int = field(default=48, metadata={"help": "Lanczos steps on the best blocks."})
     lanczos_refine_rows: int = field(default=8, metadata={"help": "How many blocks get the longer Lanczos run."})
     eps_s: float = field(
@@ -127,6 +127,10 @@ class ScoringConfig:
                     f"compute_dtype {self.compute_dtype!r} is not a torch floating dtype: use 'float32' or 'float64'"
                 )
             self.compute_dtype = dtype
+
+    def neuron_rule(self) -> tuple[float, int | None]:
+        """(eps_s, cap on neurons) for choosing a layer's neurons: a fixed m takes the best m positive ones."""
+        return (1.0, self.neurons) if self.neurons is not None else (self.eps_s, self.max_neurons)
 
     @classmethod
     def from_any(cls, config: Any) -> ScoringConfig:

@@ -46,10 +46,7 @@ class InsertionRecord:
 
 def plan_directions(score: PositionScore, config: ScoringConfig) -> Directions:
     """The eps_s-rule initialisation at a scored position, optionally with optimised output directions."""
-    if config.neurons is not None:  # a fixed m: the best m neurons with a positive eigenvalue
-        coordinate = coordinate_directions(score.spectrum, score.operator.num_outputs, 1.0, config.neurons)
-    else:
-        coordinate = coordinate_directions(score.spectrum, score.operator.num_outputs, config.eps_s, config.max_neurons)
+    coordinate = coordinate_directions(score.spectrum, score.operator.num_outputs, *config.neuron_rule())
     if config.directions == "coordinate":
         return coordinate
     return optimized_directions(score.operator, score.spectrum, coordinate.num_neurons, config.optimize_iterations)

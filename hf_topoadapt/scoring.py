@@ -19,6 +19,7 @@ from .config import ScoringConfig
 from .locate import find_positions
 from .sensitivity.capture import PairAccumulator, capture
 from .sensitivity.directions import coordinate_directions
+from .sensitivity.distributed import fail_together, rank, sum_across
 from .sensitivity.objective import LossFn, materialize
 from .sensitivity.operators import BlockOperator, DenseBlocks
 from .sensitivity.solvers import Spectrum, exact_spectrum, lanczos_spectrum
@@ -93,7 +94,9 @@ def scoring_mode(model: nn.Module, eval_mode: bool) -> Iterator[None]:
 def solve(operator: BlockOperator, config: ScoringConfig, generator: torch.Generator) -> Spectrum:
     keep = max(config.max_neurons or 64, 16)
     if isinstance(operator, DenseBlocks):
-        return exact_spectrum(operator, keep)
+        # Every pair the neuron rule may take: lambda >= (1 - eps_s) lambda_1, or any positive one for a fixed m.
+        floor = 1.0 - config.eps_s if config.neurons is None else 0.0
+        return exact_spectrum(operator, keep, floor)
     return lanczos_spectrum(
         operator,
         keep,
@@ -111,27 +114,33 @@ def score_with_operators(
     config = ScoringConfig.from_any(config)
     _, curvature = resolve_activation(config.activation)
     positions = find_positions(model, config.block_path, config.positions, config.include_head, config.head_path)
-    batches = materialize(data)
     dtype = compute_dtype(model, config)
+    # Token-subsample keys differ per process; the solver's start vectors must be the same everywhere.
+    key_generator = torch.Generator().manual_seed(config.seed + 7919 * rank())
     generator = torch.Generator().manual_seed(config.seed)
     mode = {"exact": "blocks", "lanczos": "pairs", "auto": "auto"}[config.solver]
     accumulators = [
         PairAccumulator(
-            mode, curvature, config.max_tokens, config.kernel_size, dtype, generator, config.exact_max_features
+            mode, curvature, config.max_tokens, config.kernel_size, dtype, key_generator, config.exact_max_features
         )
         for _ in positions
     ]
-    with scoring_mode(model, config.eval_mode):
-        capture(model, batches, positions, loss_fn, accumulators, config.progress)
+    with fail_together():
+        batches = materialize(data)
+        with scoring_mode(model, config.eval_mode):
+            capture(model, batches, positions, loss_fn, accumulators, config.progress)
+    num_batches = sum_across(len(batches))
+    for accumulator in accumulators:
+        accumulator.combine_across_processes()
     scores = []
     for position, accumulator in tqdm(
         list(zip(positions, accumulators, strict=True)), desc="solving eigenproblems", disable=not config.progress
     ):
-        operator = accumulator.operator(len(batches))
+        operator = accumulator.operator(num_batches)
         spectrum = solve(operator, config, generator)
         neurons, gain = [], 0.0
         if spectrum.top > config.threshold and spectrum.top > 0:
-            directions = coordinate_directions(spectrum, operator.num_outputs, config.eps_s, config.max_neurons)
+            directions = coordinate_directions(spectrum, operator.num_outputs, *config.neuron_rule())
             neurons = torch.nonzero(directions.up.T)[:, 1].tolist()
             gain = directions.value
         scores.append(

@@ -333,3 +333,18 @@ def test_reservoir_weight_counts_only_nonzero_adjoints():
     assert operator.scale == pytest.approx(100 / cap)  # population = tokens with a non-zero adjoint
     assert float(accumulator.p.abs().amax(dim=1).min()) > 0
     torch.testing.assert_close(operator.p, accumulator.p / 2)
+
+
+def test_lanczos_float32_with_fewer_tokens_than_steps():
+    """A position with fewer tokens than Lanczos steps (a classifier's last block sees only the CLS tokens):
+    the Krylov space runs out, and float32 Lanczos must still match the exact top eigenvalue."""
+    from hf_topoadapt.sensitivity.operators import TokenPairs
+    from hf_topoadapt.sensitivity.solvers import exact_spectrum, lanczos_spectrum
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.cat([torch.randn(32, 96, generator=g), torch.ones(32, 1)], dim=1)
+    p = torch.randn(32, 96, generator=g) * 1e-2
+    operator = TokenPairs(z.float(), p.float(), 1.0)
+    exact = exact_spectrum(TokenPairs(z.double(), p.double(), 1.0)).top
+    approx = lanczos_spectrum(operator, generator=torch.Generator().manual_seed(0)).top
+    assert approx == pytest.approx(exact, rel=1e-4)

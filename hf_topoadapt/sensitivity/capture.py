@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
+from .distributed import gather_rows, sum_across, world_size
 from .features import layout_of, token_pairs
 from .objective import LossFn, batch_loss
 from .operators import BlockOperator, DenseBlocks, TokenPairs, accumulate_blocks
@@ -155,8 +156,23 @@ class PairAccumulator:
     @property
     def tokens_used(self) -> int:
         if self.mode == "blocks":
-            return self.tokens_seen
+            return self.candidates
         return 0 if self.z is None else self.z.shape[0]
+
+    def combine_across_processes(self) -> None:
+        """Makes every rank hold the sums (or the token subsample) of all ranks' batches."""
+        if world_size() == 1:
+            return
+        self.tokens_seen = sum_across(self.tokens_seen)
+        self.candidates = sum_across(self.candidates)
+        if self.mode == "blocks":
+            self.blocks = sum_across(self.blocks)
+            return
+        z, p, keys = gather_rows(self.z, self.p, self.keys)
+        if z.shape[0] > self.max_tokens:
+            keep = torch.topk(keys, self.max_tokens, largest=False).indices
+            z, p, keys = z[keep], p[keep], keys[keep]
+        self.z, self.p, self.keys = z, p, keys
 
     def operator(self, num_batches: int) -> BlockOperator:
         """Q for J = mean over batches: the per-batch adjoints are divided by the number of batches."""
@@ -166,7 +182,7 @@ class PairAccumulator:
             return DenseBlocks(self.blocks / num_batches)
         if self.z is None:
             raise RuntimeError("no tokens with a non-zero adjoint were captured at this position")
-        weight = self.candidates / self.z.shape[0]
+        weight = self.candidates / max(1, self.z.shape[0])
         return TokenPairs(self.z, self.p / num_batches, self.curvature, weight)
 
 

@@ -38,7 +38,7 @@ def kept_eigenpairs(spectrum: Spectrum, eps_s: float, max_neurons: int | None) -
     descending order, skipping those that would need a neuron (output row) beyond the first max_neurons."""
     top = spectrum.top
     if top <= 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=spectrum.eigenvalues.device)
     candidates = torch.nonzero((spectrum.eigenvalues >= (1.0 - eps_s) * top) & (spectrum.eigenvalues > 0)).flatten()
     rows_seen: set[int] = set()
     kept = []
@@ -48,7 +48,7 @@ def kept_eigenpairs(spectrum: Spectrum, eps_s: float, max_neurons: int | None) -
             continue
         rows_seen.add(row)
         kept.append(index)
-    return torch.tensor(kept, dtype=torch.long)
+    return torch.tensor(kept, dtype=torch.long, device=spectrum.eigenvalues.device)
 
 
 def coordinate_directions(
@@ -67,12 +67,13 @@ def coordinate_directions(
     row_of_neuron: dict[int, int] = {}
     for r in spectrum.rows[kept].tolist():
         row_of_neuron.setdefault(r, len(row_of_neuron))
-    neuron = torch.tensor([row_of_neuron[r] for r in spectrum.rows[kept].tolist()])
+    device = spectrum.vectors.device
+    neuron = torch.tensor([row_of_neuron[r] for r in spectrum.rows[kept].tolist()], device=device)
     m, q = len(row_of_neuron), spectrum.vectors.shape[1]
     down = spectrum.vectors.new_zeros(m, q).index_add_(0, neuron, spectrum.vectors[kept])
     values = spectrum.eigenvalues.new_zeros(m).index_add_(0, neuron, spectrum.eigenvalues[kept])
     up = spectrum.vectors.new_zeros(num_outputs, m)
-    up[torch.tensor(list(row_of_neuron)), torch.arange(m)] = 1.0
+    up[torch.tensor(list(row_of_neuron), device=device), torch.arange(m, device=device)] = 1.0
     return Directions(down, up, values, "coordinate")
 
 
@@ -101,8 +102,8 @@ def optimized_directions(
             u[start_rows[j]] = 1.0
             w = spectrum.vectors[spectrum.rows.tolist().index(start_rows[j])].clone()
         else:
-            u = torch.randn(d_out, dtype=u.dtype)
-            w = torch.randn(q, dtype=u.dtype)
+            u = torch.randn(d_out, dtype=u.dtype).to(u.device)
+            w = torch.randn(q, dtype=u.dtype).to(u.device)
         u = _orthogonalise(u, ups)
         w = w / w.norm()
         value = float(u @ operator.quadratic_per_row(w))
@@ -123,7 +124,10 @@ def optimized_directions(
         downs.append(w)
         values.append(value)
     return Directions(
-        torch.stack(downs), torch.stack(ups, dim=1), torch.tensor(values, dtype=spectrum.vectors.dtype), "optimized"
+        torch.stack(downs),
+        torch.stack(ups, dim=1),
+        torch.tensor(values, dtype=spectrum.vectors.dtype, device=spectrum.vectors.device),
+        "optimized",
     )
 
 

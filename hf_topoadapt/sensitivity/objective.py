@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import fail_together, sum_across
+
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 
@@ -117,11 +119,14 @@ def mean_loss(model: nn.Module, batches: list, loss_fn: LossFn | None, nonfinite
     search that overflowed is a bad step, not bad data).
     """
     total = 0.0
-    for i, batch in enumerate(batches):
-        try:
-            total = math.fsum([total, float(batch_loss(model, batch, loss_fn, i))])
-        except NonFiniteLossError:
-            if not nonfinite_ok:
-                raise
-            return math.inf
-    return total / len(batches)
+    with fail_together():
+        for i, batch in enumerate(batches):
+            try:
+                total += float(batch_loss(model, batch, loss_fn, i))
+            except NonFiniteLossError:
+                if not nonfinite_ok:
+                    raise
+                total = math.inf
+                break
+    # Over several processes J is the mean over every process's batches, the same number on every rank.
+    return sum_across(total) / sum_across(len(batches))

@@ -39,25 +39,30 @@ def _keep_top(eigenvalues, rows, vectors, keep: int, solver: str, residual: floa
     return Spectrum(eigenvalues[order], rows[order], vectors[order], solver, residual)
 
 
-def exact_spectrum(operator: BlockOperator, keep: int = 64) -> Spectrum:
+def exact_spectrum(operator: BlockOperator, keep: int = 64, floor: float | None = None) -> Spectrum:
     """The leading eigenpairs over all blocks, exactly; O(d_out q^3).
 
-    Eigenvalues of every block first (no vectors: about 2.3 times cheaper), then full `eigh` only of the
-    blocks that own one of the `keep` largest eigenvalues.
+    Keeps the `keep` largest, and with `floor` also every positive eigenpair with lambda >= floor * lambda_1
+    (what the eps_s rule may take, however many rows it spans). Eigenvalues of every block come first (no
+    vectors: about 2.3 times cheaper), then full `eigh` only of the blocks that own a kept eigenvalue.
     """
     blocks = (
         operator._blocks if isinstance(operator, DenseBlocks) else operator.blocks(torch.arange(operator.num_outputs))
     )
     q = operator.num_features
-    per_block = min(q, max(1, keep))
     with single_thread(blocks):
-        candidates = torch.linalg.eigvalsh(blocks)[:, -per_block:]  # ascending per block
-        owners = torch.topk(candidates.reshape(-1), min(keep, candidates.numel())).indices // per_block
+        all_values = torch.linalg.eigvalsh(blocks)  # (d_out, q), ascending per block
+        wanted = min(max(1, keep), all_values.numel())
+        top = all_values[:, -1].max()
+        if floor is not None and top > 0:
+            wanted = max(wanted, int(((all_values >= floor * top) & (all_values > 0)).sum()))
+        owners = torch.topk(all_values.reshape(-1), wanted).indices // q
         rows = torch.unique(owners)
+        per_block = int(torch.bincount(owners).max())
         values, vectors = torch.linalg.eigh(blocks[rows])
     values = values[:, -per_block:].reshape(-1)
     vectors = vectors[:, :, -per_block:].transpose(1, 2).reshape(-1, q)
-    return _keep_top(values, rows.repeat_interleave(per_block), vectors, keep, "exact")
+    return _keep_top(values, rows.repeat_interleave(per_block), vectors, wanted, "exact")
 
 
 def _breakdown_tolerance(dtype: torch.dtype) -> float:
