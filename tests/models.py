@@ -96,8 +96,14 @@ def hf_bert(seed: int = 0, width: int = 8):
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * width,
-        num_labels=3, max_position_embeddings=16, attn_implementation="eager",
+        vocab_size=VOCAB,
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * width,
+        num_labels=3,
+        max_position_embeddings=16,
+        attn_implementation="eager",
     )
     return BertForSequenceClassification(config).double().eval(), _text_batches(seed, False), None, width, "tokens"
 
@@ -107,7 +113,13 @@ def hf_gpt2(seed: int = 0, width: int = 8):
 
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=width, n_layer=2, n_head=2, n_positions=16, bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB,
+        n_embd=width,
+        n_layer=2,
+        n_head=2,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
         attn_implementation="eager",
     )
     return GPT2LMHeadModel(config).double().eval(), _text_batches(seed, True), None, width, "tokens"
@@ -118,8 +130,14 @@ def hf_llama(seed: int = 0, width: int = 8):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=width, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=2 * width, max_position_embeddings=16, attn_implementation="eager",
+        vocab_size=VOCAB,
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=2 * width,
+        max_position_embeddings=16,
+        attn_implementation="eager",
     )
     return LlamaForCausalLM(config).double().eval(), _text_batches(seed, True), None, width, "tokens"
 
@@ -140,8 +158,14 @@ def hf_vit(seed: int = 0, width: int = 8):
 
     torch.manual_seed(seed)
     config = ViTConfig(
-        hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * width, image_size=8,
-        patch_size=4, num_labels=3, attn_implementation="eager",
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * width,
+        image_size=8,
+        patch_size=4,
+        num_labels=3,
+        attn_implementation="eager",
     )
     return ViTForImageClassification(config).double().eval(), _image_batches(seed), None, width, "tokens"
 
@@ -151,7 +175,13 @@ def timm_vit(seed: int = 0, width: int = 8):
 
     torch.manual_seed(seed)
     model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4, embed_dim=width, depth=2, num_heads=2,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=8,
+        patch_size=4,
+        embed_dim=width,
+        depth=2,
+        num_heads=2,
         num_classes=3,
     )
     for block in model.blocks:
