@@ -5,7 +5,9 @@ from .activations import InadmissibleActivationError, SiLUTanh, check_activation
 
 __version__ = "0.1.0"
 
+from . import growth  # noqa: E402
 from .config import ScoringConfig, TopoAdapterConfig  # noqa: E402
+from .growth import TopoGrowthCallback  # noqa: E402
 from .insertion import InsertionRecord, insert_layer  # noqa: E402
 from .layers import TopoAdapter  # noqa: E402
 from .locate import PositionsNotFoundError  # noqa: E402
@@ -27,10 +29,12 @@ __all__ = [
     "SiLUTanh",
     "TopoAdapter",
     "TopoAdapterConfig",
+    "TopoGrowthCallback",
     "TopoModel",
     "TopoReport",
     "check_activation",
     "get_topo_model",
+    "growth",
     "insert_layer",
     "score_positions",
 ]
