@@ -1,0 +1,1 @@
+"""Runnable transfer-learning recipes with offline defaults (python -m recipes.<name>)."""
