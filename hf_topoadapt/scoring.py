@@ -7,6 +7,7 @@ position's operator to the solvers. The model comes back exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -91,6 +92,12 @@ def scoring_mode(model: nn.Module, eval_mode: bool) -> Iterator[None]:
             module.training = training
 
 
+def position_generator(seed: int, name: str, process: int = 0) -> torch.Generator:
+    """A generator of its own for each position (and process, for the token subsample), so a position's score
+    and initial directions do not depend on which other positions compete (e.g. in greedy top-k insertion)."""
+    return torch.Generator().manual_seed(seed + zlib.crc32(name.encode()) + 7919 * process)
+
+
 def solve(operator: BlockOperator, config: ScoringConfig, generator: torch.Generator) -> Spectrum:
     keep = max(config.max_neurons or 64, 16)
     if isinstance(operator, DenseBlocks):
@@ -115,15 +122,20 @@ def score_with_operators(
     _, curvature = resolve_activation(config.activation)
     positions = find_positions(model, config.block_path, config.positions, config.include_head, config.head_path)
     dtype = compute_dtype(model, config)
-    # Token-subsample keys differ per process; the solver's start vectors must be the same everywhere.
-    key_generator = torch.Generator().manual_seed(config.seed + 7919 * rank())
-    generator = torch.Generator().manual_seed(config.seed)
+    # Token-subsample keys differ per process (position_generator's third argument); the solver's start
+    # vectors below must be the same on every process.
     mode = {"exact": "blocks", "lanczos": "pairs", "auto": "auto"}[config.solver]
     accumulators = [
         PairAccumulator(
-            mode, curvature, config.max_tokens, config.kernel_size, dtype, key_generator, config.exact_max_features
+            mode,
+            curvature,
+            config.max_tokens,
+            config.kernel_size,
+            dtype,
+            position_generator(config.seed, position.name, rank()),
+            config.exact_max_features,
         )
-        for _ in positions
+        for position in positions
     ]
     with fail_together():
         batches = materialize(data)
@@ -137,7 +149,7 @@ def score_with_operators(
         list(zip(positions, accumulators, strict=True)), desc="solving eigenproblems", disable=not config.progress
     ):
         operator = accumulator.operator(num_batches)
-        spectrum = solve(operator, config, generator)
+        spectrum = solve(operator, config, position_generator(config.seed, position.name))
         neurons, gain = [], 0.0
         if spectrum.top > config.threshold and spectrum.top > 0:
             directions = coordinate_directions(spectrum, operator.num_outputs, *config.neuron_rule())

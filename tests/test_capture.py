@@ -360,3 +360,15 @@ def test_cls_tokens_are_the_pairs_kept():
     distances = torch.cdist(kept, cls)
     assert float(distances.min(dim=1).values.max()) < 1e-12
     assert torch.unique(distances.argmin(dim=1)).numel() == cls.shape[0]
+
+
+def test_a_position_scores_the_same_whichever_positions_compete():
+    """Greedy top-k insertion rescores a shrinking set of positions: a position's subsample and Lanczos start
+    must not depend on the others, or the same position gets a different initialisation."""
+    model, batches, loss_fn, _, _ = BUILDERS["hf_gpt2"]()
+    config = dict(solver="lanczos", max_tokens=7)
+    every = hta.score_positions(model, batches, hta.ScoringConfig(**config), loss_fn)
+    for score in every:
+        alone = hta.score_positions(model, batches, hta.ScoringConfig(**config, positions=[score.name]), loss_fn)
+        assert alone[0].eigenvalue == score.eigenvalue
+        assert alone[0].neurons == score.neurons
