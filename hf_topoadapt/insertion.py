@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from .config import ScoringConfig
-from .layers import TopoAdapter, attach, attached
+from .layers import TopoAdapter, attach, attached, factory_kwargs
 from .scoring import PositionScore, score_with_operators, scoring_mode
 from .sensitivity.directions import Directions, coordinate_directions, optimized_directions
 from .sensitivity.line_search import line_search
@@ -52,12 +51,6 @@ def plan_directions(score: PositionScore, config: ScoringConfig) -> Directions:
     return optimized_directions(score.operator, score.spectrum, coordinate.num_neurons, config.optimize_iterations)
 
 
-def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    for parameter in model.parameters():
-        return parameter.dtype, parameter.device
-    return torch.float32, torch.device("cpu")
-
-
 def insert_layer(
     model: nn.Module,
     data: Iterable,
@@ -89,19 +82,17 @@ def insert_layer(
         )
         return record
     directions = plan_directions(score, config)
-    dtype, device = _model_dtype_device(model)
     adapter = TopoAdapter(
         score.width,
         directions.num_neurons,
         score.layout,
         config.kernel_size,
         config.activation,
-        dtype=dtype,
-        device=device,
+        **factory_kwargs(model),
     )
     record.num_neurons, record.gain = directions.num_neurons, directions.value
     if directions.kind == "coordinate":
-        record.rows = torch.nonzero(directions.up.T)[:, 1].tolist()
+        record.rows = directions.rows
 
     with scoring_mode(model, config.eval_mode):
         base_loss = mean_loss(model, batches, loss_fn)

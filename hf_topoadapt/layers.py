@@ -28,6 +28,13 @@ from .sensitivity.directions import Directions
 ADAPTER_ATTRIBUTE = {"output": "topo_adapter", "input": "topo_adapter_input"}
 
 
+def factory_kwargs(model: nn.Module) -> dict:
+    """dtype and device of the model's parameters, for building a layer that fits it."""
+    for parameter in model.parameters():
+        return {"dtype": parameter.dtype, "device": parameter.device}
+    return {}
+
+
 class TopoAdapter(nn.Module):
     def __init__(
         self,

@@ -21,13 +21,13 @@ from torch import nn
 from . import __version__
 from .config import TopoAdapterConfig
 from .insertion import InsertionRecord, insert_layer
-from .layers import ADAPTER_ATTRIBUTE, TopoAdapter, detach
+from .layers import ADAPTER_ATTRIBUTE, TopoAdapter, attach, detach, factory_kwargs
 from .locate import Position, find_positions
 from .model_cards import render_model_card
 from .report import TopoReport
 from .sensitivity.capture import transform_stream
 from .sensitivity.features import layout_of
-from .sensitivity.objective import LossFn, batch_loss, materialize
+from .sensitivity.objective import LossFn, batch_loss, materialize, mean_loss
 from .tuner import TopoLayer
 
 REPORT_NAME = "topo_report.json"
@@ -177,9 +177,6 @@ def _module_path(model: nn.Module, module: nn.Module) -> str:
 
 def _random_insertions(model, config, candidates, batches, loss_fn) -> list[InsertionRecord]:
     """Ablation: small random rows at the fixed positions (no eigenvectors, no line search)."""
-    from .layers import attach
-    from .sensitivity.objective import mean_loss
-
     if not config.target_modules:
         raise ValueError("init='random' needs target_modules: the positions to insert at")
     generator = torch.Generator().manual_seed(config.seed)
@@ -187,9 +184,7 @@ def _random_insertions(model, config, candidates, batches, loss_fn) -> list[Inse
     for position in candidates:
         width, layout = _probe_width(model, position, batches, loss_fn)
         neurons = config.neurons or config.max_neurons or 8
-        dtype = next(model.parameters()).dtype
-        device = next(model.parameters()).device
-        adapter = TopoAdapter(width, neurons, layout, config.kernel_size, config.activation, dtype=dtype, device=device)
+        adapter = TopoAdapter(width, neurons, layout, config.kernel_size, config.activation, **factory_kwargs(model))
         with torch.no_grad():
             for tensor in (adapter.down.weight, adapter.down.bias):
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * config.init_scale)

@@ -153,7 +153,7 @@ def score_with_operators(
         neurons, gain = [], 0.0
         if spectrum.top > config.threshold and spectrum.top > 0:
             directions = coordinate_directions(spectrum, operator.num_outputs, *config.neuron_rule())
-            neurons = torch.nonzero(directions.up.T)[:, 1].tolist()
+            neurons = directions.rows
             gain = directions.value
         scores.append(
             PositionScore(

@@ -17,6 +17,7 @@ from ..layers import TopoAdapter
 from ..locate import Position
 from ..scoring import scoring_mode
 from ..sensitivity.capture import transform_stream
+from ..sensitivity.features import layout_of
 from ..sensitivity.objective import LossFn, batch_loss
 
 
@@ -34,8 +35,8 @@ class GradientProbe(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.weight is None:
-            self.layout = {2: "vector", 3: "tokens", 4: "channels"}.get(h.dim(), "tokens")
-            self.width = h.shape[1] if self.layout in ("vector", "channels") else h.shape[-1]
+            self.layout = layout_of(h)
+            self.width = h.shape[1] if self.layout == "channels" else h.shape[-1]
             shape = (self.width, self.width, self.kernel_size, self.kernel_size)
             if self.layout != "channels":
                 shape = (self.width, self.width)

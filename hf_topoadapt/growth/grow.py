@@ -22,13 +22,13 @@ from torch import nn
 
 from ..config import ScoringConfig
 from ..insertion import insert_layer
-from ..layers import detach
+from ..layers import detach, factory_kwargs
 from ..locate import find_positions
 from ..scoring import score_with_operators, scoring_mode
 from ..sensitivity.objective import LossFn, batch_loss, materialize, mean_loss
 from .baselines import initialised_layer, pick_position, probe_positions
 from .models import GrowableModel
-from .state import extend_optimizer, list_index, load_checkpoint, model_factory, place_layer, save_checkpoint, save_json
+from .state import extend_optimizer, list_index, load_checkpoint, place_layer, save_checkpoint, save_json
 
 # method -> (where the layer goes, how it is initialised)
 METHODS = {
@@ -354,7 +354,7 @@ class Grower:
                 scoring.activation,
                 config.init_scale,
                 generator,
-                **model_factory(model),
+                **factory_kwargs(model),
             )
             with scoring_mode(model, scoring.eval_mode):
                 entry["loss_before"] = mean_loss(model, batches, self.loss_fn)

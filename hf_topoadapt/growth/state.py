@@ -16,15 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import TopoAdapter, attach
+from ..layers import TopoAdapter, attach, factory_kwargs
 from ..locate import find_positions
 from .models import GrowableModel
-
-
-def model_factory(model: nn.Module) -> dict:
-    for parameter in model.parameters():
-        return {"dtype": parameter.dtype, "device": parameter.device}
-    return {}
 
 
 def list_index(model: nn.Module, position: str) -> int | None:
@@ -76,7 +70,7 @@ def rebuild(
     """Inserts zero layers of the recorded shapes, in the recorded order, so the model's state dict
     matches a checkpoint of the grown model; with an optimizer built on the base model, appends their
     parameters exactly as growth did, so the optimizer's saved state loads too."""
-    factory = model_factory(model)
+    factory = factory_kwargs(model)
     for spec in growth_state.get("insertions", []):
         adapter = TopoAdapter(
             spec["width"],

@@ -148,6 +148,10 @@ class PairAccumulator:
         keys = torch.rand(z.shape[0], generator=self.generator, dtype=torch.float64)
         if self.z is not None:
             z, p, keys = torch.cat([self.z, z]), torch.cat([self.p, p]), torch.cat([self.keys, keys])
+        self._keep_smallest_keys(z, p, keys)
+
+    def _keep_smallest_keys(self, z: torch.Tensor, p: torch.Tensor, keys: torch.Tensor) -> None:
+        """The reservoir: the max_tokens tokens with the smallest random keys, a uniform sample of all."""
         if z.shape[0] > self.max_tokens:
             keep = torch.topk(keys, self.max_tokens, largest=False).indices
             z, p, keys = z[keep], p[keep], keys[keep]
@@ -168,11 +172,7 @@ class PairAccumulator:
         if self.mode == "blocks":
             self.blocks = sum_across(self.blocks)
             return
-        z, p, keys = gather_rows(self.z, self.p, self.keys)
-        if z.shape[0] > self.max_tokens:
-            keep = torch.topk(keys, self.max_tokens, largest=False).indices
-            z, p, keys = z[keep], p[keep], keys[keep]
-        self.z, self.p, self.keys = z, p, keys
+        self._keep_smallest_keys(*gather_rows(self.z, self.p, self.keys))
 
     def operator(self, num_batches: int) -> BlockOperator:
         """Q for J = mean over batches: the per-batch adjoints are divided by the number of batches."""

@@ -28,6 +28,11 @@ class Directions:
         return self.down.shape[0]
 
     @property
+    def rows(self) -> list[int]:
+        """The output neuron of each neuron (its column's axis); meaningful for coordinate directions."""
+        return torch.nonzero(self.up.T)[:, 1].tolist()
+
+    @property
     def value(self) -> float:
         """phi^T Q phi of the whole initialisation: the loss falls by (eps^2 / 2) * value to second order."""
         return float(self.values.sum())
