@@ -10,6 +10,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..sensitivity.objective import LossFn
+from .distributed import unwrap
 from .grow import Grower, GrowthConfig, first_batches
 from .state import rebuild, save_json
 
@@ -45,7 +46,7 @@ class TopoGrowthCallback(TrainerCallback):
     def _grower(self, model, optimizer) -> Grower:
         if self.grower is None:
             self.grower = Grower(model, self.config, self.loss_fn, optimizer)
-        self.grower.model, self.grower.optimizer = model, optimizer  # the Trainer may rewrap them
+        self.grower.model, self.grower.optimizer = unwrap(model), optimizer  # the Trainer may rewrap them
         return self.grower
 
     def _decide(self, state, model, optimizer, train_dataloader, val_loss: float | None) -> None:

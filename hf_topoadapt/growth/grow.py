@@ -27,6 +27,7 @@ from ..locate import find_positions
 from ..scoring import score_with_operators, scoring_mode
 from ..sensitivity.objective import LossFn, batch_loss, materialize, mean_loss
 from .baselines import initialised_layer, pick_position, probe_positions
+from .distributed import average_gradients_across_ranks, unwrap
 from .models import GrowableModel
 from .state import extend_optimizer, list_index, load_checkpoint, place_layer, save_checkpoint, save_json
 
@@ -145,7 +146,7 @@ class Grower:
         loss_fn: LossFn | None = None,
         optimizer: torch.optim.Optimizer | None = None,
     ):
-        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.model, self.loss_fn, self.optimizer = unwrap(model), loss_fn, optimizer
         self.config = config if isinstance(config, GrowthConfig) else GrowthConfig(**(config or {}))
         self.insertions: list[dict] = []  # the architecture: what `rebuild` needs
         self.log: list[dict] = []  # one entry per growth decision, accepted or not
@@ -371,6 +372,7 @@ class Grower:
                 entry["loss_after"] = mean_loss(model, batches, self.loss_fn)
         if self.optimizer is not None:
             extend_optimizer(self.optimizer, adapter.parameters(), config.param_group)
+        average_gradients_across_ranks(adapter.parameters())
         self.insertions.append(spec)
         entry.update(accepted=True, block_index=spec["index"], depth=self._depth(), params=count_parameters(model))
         return self._finish(entry, start)
@@ -424,13 +426,13 @@ def grow(
     """
     if scheduler_interval not in ("epoch", "step"):
         raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
-    grower = Grower(model, growth_config, loss_fn, optimizer)
+    grower = Grower(model, growth_config, loss_fn, optimizer)  # grows the module inside a DDP wrapper
     history: list[dict] = []
     start_epoch, step = 0, 0
     if resume:
         if checkpoint_path is None:
             raise ValueError("resume=True needs checkpoint_path")
-        extra = load_checkpoint(checkpoint_path, model, optimizer, scheduler, grower)
+        extra = load_checkpoint(checkpoint_path, grower.model, optimizer, scheduler, grower)
         start_epoch, step, history = extra["epoch"], extra["step"], extra["history"]
     for epoch in range(start_epoch, epochs):
         began = time.perf_counter()
@@ -469,7 +471,7 @@ def grow(
         if checkpoint_path is not None:
             save_checkpoint(
                 checkpoint_path,
-                model,
+                grower.model,
                 optimizer,
                 scheduler,
                 grower,

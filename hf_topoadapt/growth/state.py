@@ -18,6 +18,7 @@ from torch import nn
 
 from ..layers import TopoAdapter, attach, factory_kwargs
 from ..locate import find_positions
+from .distributed import average_gradients_across_ranks, unwrap
 from .models import GrowableModel
 
 
@@ -70,6 +71,7 @@ def rebuild(
     """Inserts zero layers of the recorded shapes, in the recorded order, so the model's state dict
     matches a checkpoint of the grown model; with an optimizer built on the base model, appends their
     parameters exactly as growth did, so the optimizer's saved state loads too."""
+    model = unwrap(model)
     factory = factory_kwargs(model)
     for spec in growth_state.get("insertions", []):
         adapter = TopoAdapter(
@@ -84,6 +86,7 @@ def rebuild(
         place_layer(model, adapter, spec)
         if optimizer is not None:
             extend_optimizer(optimizer, adapter.parameters(), group)
+        average_gradients_across_ranks(adapter.parameters())
     return model
 
 
