@@ -363,6 +363,9 @@ def test_stop_rules():
         ({"schedule": [1], "init": "ones"}, "init must be"),
         ({"schedule": [1], "max_depth": -2}, "max_depth"),
         ({"schedule": [1], "scoring": {"eps_s": 2.0}}, "eps_s"),
+        ({"schedule": [1], "neurons": 0}, "neurons must be"),
+        ({"schedule": [1], "neurons": []}, "neurons must be"),
+        ({"schedule": [1], "neurons": [3, 1.5]}, "neurons must be"),
     ],
 )
 def test_bad_settings_give_clear_errors(settings, message):
@@ -403,3 +406,12 @@ def test_a_hugging_face_model_grows_by_hooks_with_dict_batches(method):
     assert torch.equal(fresh(**batch).logits, model(**batch).logits)
     if method == "sensli":  # function-preserving: the base model's outputs
         assert torch.equal(base(**batch).logits, model(**batch).logits)
+
+
+def test_baseline_neurons_per_insertion_follow_a_list_and_the_last_repeats():
+    model = mlp(depth=1)
+    data = regression_data()
+    grower = Grower(model, GrowthConfig(method="random", schedule=[1], neurons=[2, 3]), F.mse_loss)
+    sizes = [grower.maybe_grow(epoch, calibration_data=data)["neurons"] for epoch in (1, 2, 3)]
+    assert sizes == [2, 3, 3]
+    assert [spec["neurons"] for spec in grower.insertions] == [2, 3, 3]

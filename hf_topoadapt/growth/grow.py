@@ -72,7 +72,13 @@ class GrowthConfig:
     calibration_batches: int | None = field(
         default=4, metadata={"help": "Batches of the train data used to score and insert (None: all)."}
     )
-    neurons: int = field(default=8, metadata={"help": "Neurons of a layer not sized by the eps_s rule."})
+    neurons: int | list[int] = field(
+        default=8,
+        metadata={
+            "help": "Neurons of a layer not sized by the eps_s rule (the baselines' inits); a list gives them per "
+            "insertion (the last value repeats), e.g. the sizes a topological run chose, to compare at equal size."
+        },
+    )
     init_scale: float = field(default=1e-2, metadata={"help": "Std of the 'random' initialisation."})
     train_up: bool = field(default=True, metadata={"help": "Train the output directions U of new layers."})
     param_group: int = field(default=0, metadata={"help": "Optimizer param group that receives new parameters."})
@@ -104,9 +110,20 @@ class GrowthConfig:
                 raise ValueError("give schedule=[E0, E1, ...] (Proposed I) or patience=N (Proposed II) to decide when")
             if self.schedule is not None and self.patience is not None:
                 raise ValueError("give either schedule (Proposed I) or patience (Proposed II), not both")
-        if self.neurons < 1 or self.init_scale <= 0 or self.min_delta < 0:
-            raise ValueError("neurons must be >= 1, init_scale > 0 and min_delta >= 0")
+        counts = self.neurons if isinstance(self.neurons, (list, tuple)) else [self.neurons]
+        if not counts or any(int(n) != n or n < 1 for n in counts):
+            raise ValueError(f"neurons must be a whole number >= 1 or a non-empty list of them, got {self.neurons!r}")
+        if isinstance(self.neurons, (list, tuple)):
+            self.neurons = [int(n) for n in self.neurons]
+        if self.init_scale <= 0 or self.min_delta < 0:
+            raise ValueError("init_scale must be > 0 and min_delta >= 0")
         self.scoring = ScoringConfig.from_any(self.scoring)
+
+    def neurons_at(self, insertion: int) -> int:
+        """Neurons of the layer inserted `insertion`-th (0-based) by a baseline initialisation."""
+        if isinstance(self.neurons, list):
+            return self.neurons[min(insertion, len(self.neurons) - 1)]
+        return self.neurons
 
     @property
     def position_rule(self) -> str | None:
@@ -345,7 +362,8 @@ class Grower:
                     f"largest eigenvalue {entry['scores'][position]:.4g} <= threshold {scoring.threshold:.4g}"
                 )
                 return self._finish(entry, start)
-            neurons = min(config.neurons, width) if init == "random" else config.neurons
+            neurons = config.neurons_at(len(self.insertions))
+            neurons = min(neurons, width) if init == "random" else neurons
             adapter = initialised_layer(
                 init,
                 width,
