@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from .common import DEFAULT_LRS, METHODS, run_experiment, write_results
+from .common import DEFAULT_LRS, METHODS, TopoSaver, run_experiment, text_encoder, write_results
 
 # The four topics with the most *distinct* conversations (trivia 261, ai 105, coding 98, psychology 63).
 # tech_support has 1050 conversations but only 10 distinct ones, so it would leak test texts into training.
@@ -131,18 +131,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--output-dir", default="outputs/minilm_topics")
+    parser.add_argument(
+        "--save-dir",
+        default=None,
+        help="save the topo-adapted model (Hub format: adapter_config.json, adapter_model.safetensors, model card, "
+        "topo_report.json, tokenizer) of the last topo run here",
+    )
+    parser.add_argument("--resume", action="store_true", help="skip runs already in the runs file")
+    parser.add_argument("--runs-file", default=None, help="JSON-lines results file (default <output-dir>/runs.jsonl)")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
+def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
+    """Loads data and model as the arguments say and runs every (size, seed, method); (results, settings)."""
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     texts, labels, names = load_data(args.data)
     counts = {name: labels.count(i) for i, name in enumerate(names)}
-    print(f"data: {len(texts)} texts, classes {counts}")
+    log(f"data: {len(texts)} texts, classes {counts}")
     os.makedirs(args.output_dir, exist_ok=True)
     settings = {
         "model": args.model,
@@ -160,10 +168,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "lrs": {"head": args.lr_head, "full": args.lr_full, "adapter methods": args.lr_peft},
         "budget": f"LoRA r={args.lora_rank} on {args.lora_targets}; {args.num_adapters} topo adapters, neurons matched",
     }
+    tokenizer = load_tokenizer(args.model)
+    saver = None
+    if args.save_dir:
+        saver = TopoSaver(args.save_dir, base_model=model_path(args.model), extra=tokenizer, data=args.data)
     results = run_experiment(
         model_factory(args.model, len(names)),
-        load_tokenizer(args.model),
-        texts,
+        text_encoder(tokenizer, texts, labels, args.max_length),
         labels,
         args.methods,
         args.per_class,
@@ -175,12 +186,29 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         num_adapters=args.num_adapters,
         lora_targets=args.lora_targets,
         lrs={"head": args.lr_head, "full": args.lr_full, "peft": args.lr_peft},
-        max_length=args.max_length,
+        log=log,
         device=args.device,
-        results_path=os.path.join(args.output_dir, "runs.jsonl"),
+        results_path=args.runs_file or os.path.join(args.output_dir, "runs.jsonl"),
+        resume=args.resume,
+        after_run=saver,
     )
+    if saver is not None:
+        settings["saver"] = saver
+    return results, settings
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    results, settings = run(args)
+    saver = settings.pop("saver", None)
     rows = write_results(results, os.path.join(args.output_dir, "results"), "minilm_topics", settings)
     print(open(os.path.join(args.output_dir, "results.md")).read())
+    if saver is not None:
+        saver.print_push_help(
+            repo_hint="your-name/minilm-topics-topo",
+            load_hint=f"transformers.AutoModelForSequenceClassification.from_pretrained({model_path(args.model)!r}, "
+            f"num_labels={len(settings['classes'])})",
+        )
     return rows
 
 

