@@ -56,6 +56,14 @@ class ScoringConfig:
         },
     )
     exact_max_features: int = field(default=128, metadata={"help": "Largest q = d + 1 solved exactly under 'auto'."})
+    exact_max_entries: int = field(
+        default=2**22,
+        metadata={
+            "help": "'auto' is also exact, on every token, when the blocks hold at most this many numbers "
+            "(d_out * q^2): narrow conv layers with many pixels, where a token subsample would inflate the top "
+            "eigenvalue (the largest eigenvalue of a noisy estimate is biased upwards) and favour them unfairly."
+        },
+    )
     max_tokens: int = field(
         default=8192,
         metadata={
@@ -113,6 +121,8 @@ class ScoringConfig:
             raise ValueError(f"max_neurons must be >= 1 or None, got {self.max_neurons}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        if self.exact_max_entries < 0:
+            raise ValueError(f"exact_max_entries must be >= 0, got {self.exact_max_entries}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.line_search_start <= 0 or self.line_search_growth <= 1 or self.line_search_steps < 1:

@@ -134,6 +134,7 @@ def score_with_operators(
             dtype,
             position_generator(config.seed, position.name, rank()),
             config.exact_max_features,
+            config.exact_max_entries,
         )
         for position in positions
     ]

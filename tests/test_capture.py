@@ -372,3 +372,19 @@ def test_a_position_scores_the_same_whichever_positions_compete():
         alone = hta.score_positions(model, batches, hta.ScoringConfig(**config, positions=[score.name]), loss_fn)
         assert alone[0].eigenvalue == score.eigenvalue
         assert alone[0].neurons == score.neurons
+
+
+def test_auto_solves_narrow_wide_feature_positions_exactly_on_every_token():
+    """A conv position with q = C k^2 + 1 > exact_max_features but few output channels is cheap to hold exactly;
+    a token subsample there would inflate its top eigenvalue (max of a noisy estimate) against exact positions."""
+    model, batches, loss_fn, _, _ = residual_cnn()
+    narrow = hta.ScoringConfig(exact_max_features=4, max_tokens=16)  # q = 3 * 9 + 1 = 28 > 4
+    scores, _ = score_with_operators(model, batches, narrow, loss_fn)
+    exact, _ = score_with_operators(model, batches, hta.ScoringConfig(solver="exact"), loss_fn)
+    assert all(isinstance(s.operator, DenseBlocks) and s.tokens_used == s.tokens for s in scores)
+    assert [s.eigenvalue for s in scores] == pytest.approx([s.eigenvalue for s in exact], rel=1e-12)
+
+    subsampled, _ = score_with_operators(
+        model, batches, hta.ScoringConfig(exact_max_features=4, max_tokens=16, exact_max_entries=0), loss_fn
+    )
+    assert all(isinstance(s.operator, TokenPairs) and s.tokens_used == 16 < s.tokens for s in subsampled)

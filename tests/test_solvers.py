@@ -226,8 +226,13 @@ def test_score_positions_lanczos_matches_exact_width32(builder):
 
 def test_auto_solver_switches_on_exact_max_features():
     model, batches, loss_fn, width, _ = hf_gpt2(width=32)
-    small = hta.score_positions(model, batches, hta.ScoringConfig(exact_max_features=16), loss_fn)
-    large = hta.score_positions(model, batches, hta.ScoringConfig(exact_max_features=33), loss_fn)
+    small = hta.score_positions(model, batches, hta.ScoringConfig(exact_max_features=16, exact_max_entries=0), loss_fn)
+    large = hta.score_positions(model, batches, hta.ScoringConfig(exact_max_features=33, exact_max_entries=0), loss_fn)
+    # ... or on the size of the blocks, d_out * q^2 = 32 * 33^2
+    held = hta.score_positions(
+        model, batches, hta.ScoringConfig(exact_max_features=16, exact_max_entries=32 * 33**2), loss_fn
+    )
+    assert {s.solver for s in held} == {"exact"}
     assert {s.solver for s in small} == {"lanczos"}
     assert {s.solver for s in large} == {"exact"}
     for a, b in zip(small, large, strict=True):

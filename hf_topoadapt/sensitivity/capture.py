@@ -104,7 +104,8 @@ class PairAccumulator:
     mode "blocks" sums every Q block as it goes (exact; memory d_out * q^2 whatever the data size);
     mode "pairs" keeps a uniform random subsample of at most `max_tokens` tokens (reservoir by random
     keys), reweighted by (tokens seen) / (tokens kept) so the sum stays unbiased; mode "auto" picks
-    "blocks" when q <= exact_max_features, once the first state shows q.
+    "blocks" when q <= exact_max_features or the blocks hold at most exact_max_entries numbers, once the first
+    state shows q and d_out.
     """
 
     def __init__(
@@ -116,11 +117,12 @@ class PairAccumulator:
         dtype,
         generator,
         exact_max_features: int = 128,
+        exact_max_entries: int = 0,
     ):
         if mode not in ("auto", "blocks", "pairs"):
             raise ValueError(f"mode must be 'auto', 'blocks' or 'pairs', got {mode!r}")
         self.mode, self.curvature, self.max_tokens = mode, curvature, max_tokens
-        self.exact_max_features = exact_max_features
+        self.exact_max_features, self.exact_max_entries = exact_max_features, exact_max_entries
         self.kernel_size, self.dtype, self.generator = kernel_size, dtype, generator
         self.blocks: torch.Tensor | None = None
         self.z: torch.Tensor | None = None
@@ -136,7 +138,9 @@ class PairAccumulator:
         self.width = state.shape[1] if self.layout == "channels" else state.shape[-1]
         z, p = token_pairs(state, adjoint, self.kernel_size, self.dtype)
         if self.mode == "auto":
-            self.mode = "blocks" if z.shape[1] <= self.exact_max_features else "pairs"
+            q, d_out = z.shape[1], p.shape[1]
+            small = q <= self.exact_max_features or d_out * q * q <= self.exact_max_entries
+            self.mode = "blocks" if small else "pairs"
         self.tokens_seen += z.shape[0]
         nonzero = p.abs().amax(dim=1) > 0  # tokens the loss does not depend on add nothing to Q
         z, p = z[nonzero], p[nonzero]
