@@ -23,12 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .common import (
-    TopoSaver,
-    run_experiment,
-    tensor_encoder,
-    write_results,
-)
+from .cli import experiment_options, finish, training_settings
+from .common import TopoSaver, run_experiment, tensor_encoder
 from .mnist import add_common_arguments, check_per_class, load_images, relabel, to_inputs
 
 # One learning rate per method family, the best of a grid on seed 0 at 10 per class, 10 epochs: head
@@ -177,33 +173,16 @@ def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
         args.per_class,
         args.seeds,
         args.epochs,
-        batch_size=args.batch_size,
         eval_batch_size=64,
-        test_per_class=args.test_per_class or None,
-        lora_rank=args.lora_rank,
-        num_adapters=args.num_adapters,
-        lora_targets=args.lora_targets,
-        lrs={"head": args.lr_head, "full": args.lr_full, "peft": args.lr_peft},
         log=log,
-        device=args.device,
-        results_path=args.runs_file or os.path.join(args.output_dir, "runs.jsonl"),
-        resume=args.resume,
         after_run=saver,
+        **experiment_options(args),
     )
     settings = {
         "model": args.model,
         "data": f"{args.data}: {len(labels)} images, gray -> 3 channels, {args.image_size} px, scaled to [-1, 1]",
         "classes": counts,
-        "per_class": args.per_class,
-        "seeds": args.seeds,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "test_per_class": args.test_per_class or None,
-        "device": torch.cuda.get_device_name()
-        if str(args.device).startswith("cuda")
-        else f"CPU, {torch.get_num_threads()} threads",
-        "optimizer": "AdamW (weight decay 0.01), linear warm-up 10% then linear decay",
-        "lrs": {"head": args.lr_head, "full": args.lr_full, "adapter methods": args.lr_peft},
+        **training_settings(args),
         "budget": f"LoRA r={args.lora_rank} on {args.lora_targets} + new head; {args.num_adapters} topo adapters "
         "(3x3 conv), neurons matched to the widths of their positions",
     }
@@ -215,12 +194,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     results, settings = run(args)
-    saver = settings.pop("saver", None)
-    rows = write_results(results, os.path.join(args.output_dir, "results"), "effnet_mnist", settings)
-    print(open(os.path.join(args.output_dir, "results.md")).read())
-    if saver is not None:
-        saver.print_push_help()
-    return rows
+    return finish(args, results, settings, "effnet_mnist")
 
 
 if __name__ == "__main__":

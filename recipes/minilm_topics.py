@@ -18,7 +18,8 @@ import json
 import os
 from collections.abc import Sequence
 
-from .common import DEFAULT_LRS, METHODS, TopoSaver, run_experiment, text_encoder, write_results
+from .cli import experiment_options, finish, training_settings
+from .common import DEFAULT_LRS, METHODS, TopoSaver, run_experiment, text_encoder
 
 # The four topics with the most *distinct* conversations (trivia 261, ai 105, coding 98, psychology 63).
 # tech_support has 1050 conversations but only 10 distinct ones, so it would leak test texts into training.
@@ -156,16 +157,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
         "model": args.model,
         "data": args.data,
         "classes": counts,
-        "per_class": args.per_class,
-        "seeds": args.seeds,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "test_per_class": args.test_per_class or None,
-        "device": torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else f"CPU, {torch.get_num_threads()} threads",
-        "optimizer": "AdamW (weight decay 0.01), linear warm-up 10% then linear decay",
-        "lrs": {"head": args.lr_head, "full": args.lr_full, "adapter methods": args.lr_peft},
+        **training_settings(args),
         "budget": f"LoRA r={args.lora_rank} on {args.lora_targets}; {args.num_adapters} topo adapters, neurons matched",
     }
     tokenizer = load_tokenizer(args.model)
@@ -180,17 +172,9 @@ def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
         args.per_class,
         args.seeds,
         args.epochs,
-        batch_size=args.batch_size,
-        test_per_class=args.test_per_class or None,
-        lora_rank=args.lora_rank,
-        num_adapters=args.num_adapters,
-        lora_targets=args.lora_targets,
-        lrs={"head": args.lr_head, "full": args.lr_full, "peft": args.lr_peft},
         log=log,
-        device=args.device,
-        results_path=args.runs_file or os.path.join(args.output_dir, "runs.jsonl"),
-        resume=args.resume,
         after_run=saver,
+        **experiment_options(args),
     )
     if saver is not None:
         settings["saver"] = saver
@@ -200,16 +184,15 @@ def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     results, settings = run(args)
-    saver = settings.pop("saver", None)
-    rows = write_results(results, os.path.join(args.output_dir, "results"), "minilm_topics", settings)
-    print(open(os.path.join(args.output_dir, "results.md")).read())
-    if saver is not None:
-        saver.print_push_help(
-            repo_hint="your-name/minilm-topics-topo",
-            load_hint=f"transformers.AutoModelForSequenceClassification.from_pretrained({model_path(args.model)!r}, "
-            f"num_labels={len(settings['classes'])})",
-        )
-    return rows
+    base = f"transformers.AutoModelForSequenceClassification.from_pretrained({model_path(args.model)!r}, "
+    return finish(
+        args,
+        results,
+        settings,
+        "minilm_topics",
+        repo_hint="your-name/minilm-topics-topo",
+        load_hint=base + f"num_labels={len(settings['classes'])})",
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import TopoSaver, run_experiment, tensor_encoder, write_results
+from .cli import experiment_options, finish, training_settings
+from .common import TopoSaver, run_experiment, tensor_encoder
 from .mnist import add_common_arguments, check_per_class, load_images, relabel, to_inputs
 
 # One learning rate per method family, the best of a grid on seed 0 at 10 per class, 10 epochs: head
@@ -193,18 +194,10 @@ def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
         args.per_class,
         args.seeds,
         args.epochs,
-        batch_size=args.batch_size,
         eval_batch_size=128,
-        test_per_class=args.test_per_class or None,
-        lora_rank=args.lora_rank,
-        num_adapters=args.num_adapters,
-        lora_targets=args.lora_targets,
-        lrs={"head": args.lr_head, "full": args.lr_full, "peft": args.lr_peft},
         log=log,
-        device=args.device,
-        results_path=args.runs_file or os.path.join(args.output_dir, "runs.jsonl"),
-        resume=args.resume,
         after_run=saver,
+        **experiment_options(args),
     )
     pretraining = os.path.join(path, "pretraining.json")
     settings = {
@@ -213,16 +206,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
         "data": f"{args.data}: digits {args.transfer_classes} relabelled 0..{len(names) - 1}, {args.image_size} px, "
         "scaled to [-1, 1]",
         "classes": counts,
-        "per_class": args.per_class,
-        "seeds": args.seeds,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "test_per_class": args.test_per_class or None,
-        "device": torch.cuda.get_device_name()
-        if str(args.device).startswith("cuda")
-        else f"CPU, {torch.get_num_threads()} threads",
-        "optimizer": "AdamW (weight decay 0.01), linear warm-up 10% then linear decay",
-        "lrs": {"head": args.lr_head, "full": args.lr_full, "adapter methods": args.lr_peft},
+        **training_settings(args),
         "budget": f"LoRA r={args.lora_rank} on {args.lora_targets} + new head; {args.num_adapters} topo adapters, "
         "neurons matched",
     }
@@ -240,12 +224,7 @@ def _channels(path: str) -> int:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     results, settings = run(args)
-    saver = settings.pop("saver", None)
-    rows = write_results(results, os.path.join(args.output_dir, "results"), "vit_digits", settings)
-    print(open(os.path.join(args.output_dir, "results.md")).read())
-    if saver is not None:
-        saver.print_push_help()
-    return rows
+    return finish(args, results, settings, "vit_digits")
 
 
 if __name__ == "__main__":
