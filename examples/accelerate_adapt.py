@@ -34,6 +34,8 @@ labels = torch.tensor([0, 1] * 4)
 encode = dict(padding="max_length", max_length=16, return_tensors="pt")
 batches = [dict(tokenizer(texts[i : i + 2], **encode), labels=labels[i : i + 2]) for i in range(0, 8, 2)]
 mine = batches[accelerator.process_index :: accelerator.num_processes]  # this rank's share
+mine = [{k: v.to(accelerator.device) for k, v in batch.items()} for batch in mine]
+model.to(accelerator.device)  # score on the rank's own device, not on the CPU
 
 config = hta.TopoAdapterConfig(num_adapters=2, neurons=8, modules_to_save=["classifier"])
 model = hta.get_topo_model(model, config, calibration_data=mine)  # identical positions and weights on all ranks
@@ -44,7 +46,7 @@ model, optimizer = accelerator.prepare(model, optimizer)
 model.train()
 for epoch in range(3):
     for batch in mine:
-        loss = model(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
+        loss = model(**batch).loss
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()

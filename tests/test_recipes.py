@@ -233,6 +233,8 @@ def test_save_dir_writes_hub_files_and_prints_how_to_push(tokenizer, tmp_path, c
     files = set(os.listdir(save))
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "topo_report.json"} <= files
     assert "tokenizer_config.json" in files
+    config = json.loads((save / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "model")  # the saver's base_model, as given
     out = capsys.readouterr().out
     assert "hf upload" in out and "push_to_hub" in out and "| topo |" in out
     import hf_topoadapt as hta
@@ -241,7 +243,7 @@ def test_save_dir_writes_hub_files_and_prints_how_to_push(tokenizer, tmp_path, c
     assert loaded.topo_report.chosen
 
 
-def test_saved_adapter_names_the_hub_id_of_the_packaged_minilm_not_a_local_path(tmp_path):
+def test_hub_id_of_the_packaged_minilm_is_its_hub_name_not_a_local_path():
     from recipes.minilm_topics import MINILM_HUB_ID, hub_id, model_path
 
     assert hub_id("minilm") == MINILM_HUB_ID == "sentence-transformers/all-MiniLM-L6-v2"
