@@ -8,6 +8,8 @@ picks the fields it knows.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,30 @@ from peft import PeftConfig
 from .activations import ACTIVATIONS
 
 SOLVERS = ("auto", "exact", "lanczos")
+SCREEN_TOKENS = 8192
 DIRECTIONS = ("coordinate", "optimized")
+COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+def check_whole(name: str, value, minimum: int, optional: bool = False, why: str = "") -> int | None:
+    """`value` as an int >= minimum (None allowed when optional), else a ValueError naming the setting."""
+    if value is None and optional:
+        return None
+    allowed = f"a whole number >= {minimum}" + (" or None" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}" + (" or None" if optional else "") + f"{why}, got {value}")
+    return int(value)
+
+
+def check_real(name: str, value, low: float | None = None, strict: bool = False, why: str = "") -> float:
+    """`value` as a finite float, above `low` (strictly when `strict`) if given, else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if strict else value < low):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}{why}, got {value}")
+    return float(value)
 
 
 @dataclass
@@ -36,7 +61,11 @@ class ScoringConfig:
         },
     )
     include_head: bool = field(
-        default=True, metadata={"help": "Let positions inside an MLP head (nn.Sequential with >= 2 Linear) compete."}
+        default=True,
+        metadata={
+            "help": "Let positions inside an MLP head (nn.Sequential with >= 2 Linear) compete, or for a single-Linear "
+            "classifier its input (the pooled features, position 'head_input')."
+        },
     )
     head_path: str | None = field(
         default=None, metadata={"help": "Dotted path of the head; None tries classifier, head, fc, _fc, score."}
@@ -51,8 +80,8 @@ class ScoringConfig:
     solver: str = field(
         default="auto",
         metadata={
-            "help": "'exact' sums every (q x q) block and calls eigh; 'lanczos' is matrix-free on a token "
-            "subsample; 'auto' is exact when q <= exact_max_features."
+            "help": "'exact' sums every (q x q) block and calls eigh; 'lanczos' is matrix-free on the captured "
+            "tokens; 'auto' is exact when q <= exact_max_features."
         },
     )
     exact_max_features: int = field(default=128, metadata={"help": "Largest q = d + 1 solved exactly under 'auto'."})
@@ -64,10 +93,12 @@ class ScoringConfig:
             "eigenvalue (the largest eigenvalue of a noisy estimate is biased upwards) and favour them unfairly."
         },
     )
-    max_tokens: int = field(
-        default=8192,
+    max_tokens: int | None = field(
+        default=None,
         metadata={
-            "help": "Cap on tokens kept per position for the matrix-free solver (uniform subsample, reweighted)."
+            "help": "Optional cap on tokens kept per position for the matrix-free solver (uniform subsample, "
+            "reweighted). None: every token while the pairs fit the memory budget (pair_memory_fraction, "
+            "cpu_pair_memory); a subsample inflates the top eigenvalue (METHOD.md section 8)."
         },
     )
     lanczos_screen_iterations: int = field(default=8, metadata={"help": "Lanczos steps run on every block."})
@@ -107,36 +138,109 @@ class ScoringConfig:
     )
     seed: int = field(default=0, metadata={"help": "Seed of the token subsample and the Lanczos start vectors."})
     progress: bool = field(default=False, metadata={"help": "Show tqdm progress bars."})
+    pair_memory_fraction: float = field(
+        default=0.5,
+        metadata={
+            "help": "On CUDA: share of the free device memory that the captured (z, p) pairs of all positions may "
+            "take together; every token is kept while they fit, a uniform subsample beyond."
+        },
+    )
+    cpu_pair_memory: int = field(
+        default=2 * 2**30,
+        metadata={"help": "Elsewhere (CPU): bytes the (z, p) pairs of all positions may take together."},
+    )
+    screen_tokens: int | None = field(
+        default=SCREEN_TOKENS,
+        metadata={
+            "help": "The short Lanczos run that ranks a position's blocks uses a uniform sample of at most this many "
+            "tokens; the best blocks' eigenpairs are then computed on every kept token. None: screen on every token."
+        },
+    )
+    tf32_products: bool = field(
+        default=True,
+        metadata={
+            "help": "On CUDA, Lanczos products in TF32 with float32 accumulation; the eigenvalues are re-measured "
+            "with full float32 products."
+        },
+    )
+    batch_positions: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Solve positions of one shape in one batched Lanczos run (fewer kernel launches). None: on "
+            "accelerators only (on the CPU each position's result then stays bitwise independent of the others)."
+        },
+    )
+    crossfit: bool = field(
+        default=False,
+        metadata={
+            "help": "Rank positions and choose neurons by cross-fitted values (METHOD.md section 8): each output "
+            "row's top eigenvector from one half of the calibration examples, measured on the other half, both "
+            "ways. The plain top eigenvalue of a few dozen examples is biased upwards by noise; the initial "
+            "directions still come from all the examples, and the report keeps both estimates."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.directions not in DIRECTIONS:
             raise ValueError(f"directions must be one of {DIRECTIONS}, got {self.directions!r}")
-        if not 0.0 <= self.eps_s < 1.0:
-            raise ValueError(f"eps_s must be in [0, 1), got {self.eps_s}")
-        if self.neurons is not None and self.neurons < 1:
-            raise ValueError(f"neurons must be >= 1 or None (eps_s rule), got {self.neurons}")
-        if self.max_neurons is not None and self.max_neurons < 1:
-            raise ValueError(f"max_neurons must be >= 1 or None, got {self.max_neurons}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
-        if self.exact_max_entries < 0:
-            raise ValueError(f"exact_max_entries must be >= 0, got {self.exact_max_entries}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.line_search_start <= 0 or self.line_search_growth <= 1 or self.line_search_steps < 1:
+        self.eps_s = check_real("eps_s", self.eps_s, 0.0)
+        if self.eps_s >= 1.0:
+            raise ValueError(f"eps_s must be in [0, 1) (0 keeps only the top neuron), got {self.eps_s}")
+        self.neurons = check_whole("neurons", self.neurons, 1, optional=True, why=" (None: the eps_s rule)")
+        self.max_neurons = check_whole("max_neurons", self.max_neurons, 1, optional=True, why=" (None: no cap)")
+        self.kernel_size = check_whole("kernel_size", self.kernel_size, 1)
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number ('same' padding), got {self.kernel_size}")
+        self.exact_max_features = check_whole(
+            "exact_max_features", self.exact_max_features, 0, why=" (0: never exact by width under 'auto')"
+        )
+        self.exact_max_entries = check_whole("exact_max_entries", self.exact_max_entries, 0)
+        self.max_tokens = check_whole("max_tokens", self.max_tokens, 1, optional=True, why=" (None: a memory budget)")
+        for name in ("lanczos_screen_iterations", "lanczos_refine_iterations"):
+            setattr(self, name, check_whole(name, getattr(self, name), 1, why=" (a Lanczos run needs a step)"))
+        self.lanczos_refine_rows = check_whole(
+            "lanczos_refine_rows", self.lanczos_refine_rows, 1, why=" (the best block is always refined)"
+        )
+        self.optimize_iterations = check_whole(
+            "optimize_iterations", self.optimize_iterations, 0, why=" (0 keeps the best axis)"
+        )
+        self.threshold = check_real(
+            "threshold", self.threshold, 0.0, why=" (a layer lowers the loss to second order only where the "
+            "largest eigenvalue is positive)"
+        )  # fmt: skip
+        self.seed = check_whole("seed", self.seed, -(2**63))
+        for name in ("line_search_start", "line_search_growth"):
+            setattr(self, name, check_real(name, getattr(self, name)))
+        self.line_search_steps = check_whole("line_search_steps", self.line_search_steps, 1)
+        if self.line_search_start <= 0 or self.line_search_growth <= 1:
             raise ValueError(
                 "line search needs line_search_start > 0, line_search_growth > 1 and line_search_steps >= 1; got "
                 f"{self.line_search_start}, {self.line_search_growth}, {self.line_search_steps}"
             )
-        if isinstance(self.compute_dtype, str):
-            dtype = getattr(torch, self.compute_dtype, None)
-            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-                raise ValueError(
-                    f"compute_dtype {self.compute_dtype!r} is not a torch floating dtype: use 'float32' or 'float64'"
-                )
-            self.compute_dtype = dtype
+        dtype = self.compute_dtype
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, dtype)
+        if dtype is not None and dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"compute_dtype {self.compute_dtype!r} is not supported: use 'float32', 'float64' or None (the "
+                "solvers need float32 or float64 whatever the model's dtype)"
+            )
+        self.compute_dtype = dtype
+        self.pair_memory_fraction = check_real("pair_memory_fraction", self.pair_memory_fraction, 0.0, strict=True)
+        if self.pair_memory_fraction > 1.0:
+            raise ValueError(f"pair_memory_fraction must be in (0, 1], got {self.pair_memory_fraction}")
+        self.cpu_pair_memory = check_whole("cpu_pair_memory", self.cpu_pair_memory, 1)
+        self.screen_tokens = check_whole(
+            "screen_tokens", self.screen_tokens, 1, optional=True, why=" (None: screen on every token)"
+        )
+        if not isinstance(self.tf32_products, bool):
+            raise ValueError(f"tf32_products must be True or False, got {self.tf32_products!r}")
+        if not isinstance(self.crossfit, bool):
+            raise ValueError(f"crossfit must be True or False, got {self.crossfit!r}")
+        if self.batch_positions not in (None, True, False):
+            raise ValueError(f"batch_positions must be True, False or None (auto), got {self.batch_positions!r}")
 
     def neuron_rule(self) -> tuple[float, int | None]:
         """(eps_s, cap on neurons) for choosing a layer's neurons: a fixed m takes the best m positive ones."""
@@ -192,6 +296,25 @@ class _TopoAdapterFields:
     calibration_batches: int | None = field(
         default=None, metadata={"help": "Use at most this many calibration batches (None: all)."}
     )
+    head_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Before scoring, train modules_to_save (the new head) alone for this many AdamW steps on the "
+            "calibration data, so the adjoints the scores are built from pass through a fitted readout instead "
+            "of a random one (METHOD.md section 8). 0: no warm-up."
+        },
+    )
+    head_warmup_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the head warm-up."})
+    neuron_budget: int | None = field(
+        default=None,
+        metadata={
+            "help": "Trainable parameters the inserted layers may take together (modules_to_save not counted). "
+            "Positions and neurons are then chosen by value per parameter: every candidate neuron's eigenvalue "
+            "(cross-fitted with crossfit=True) over its cost (d + 1 on a token stream, C k^2 + 1 on a feature map, "
+            "+ d with train_up), best first while they fit, at most num_adapters positions and max_neurons "
+            "neurons each. None: num_adapters positions sized by the eps_s rule or `neurons`."
+        },
+    )
     topo_version: str = field(default="", metadata={"help": "hf_topoadapt version that wrote this config."})
 
 
@@ -213,8 +336,23 @@ class TopoAdapterConfig(PeftConfig, _TopoAdapterFields, ScoringConfig):
             )
         if isinstance(self.compute_dtype, torch.dtype):
             self.compute_dtype = str(self.compute_dtype).removeprefix("torch.")
-        if self.num_adapters < 1:
-            raise ValueError(f"num_adapters must be >= 1, got {self.num_adapters}")
+        self.num_adapters = check_whole("num_adapters", self.num_adapters, 1)
+        self.init_scale = check_real(
+            "init_scale", self.init_scale, 0.0, strict=True,
+            why=" (the std of init='random': at 0 the new rows get exactly zero gradients and never train)",
+        )  # fmt: skip
+        self.calibration_batches = check_whole(
+            "calibration_batches", self.calibration_batches, 1, optional=True, why=" (None: all batches)"
+        )
+        self.head_warmup_steps = check_whole("head_warmup_steps", self.head_warmup_steps, 0, why=" (0: no warm-up)")
+        self.head_warmup_lr = check_real("head_warmup_lr", self.head_warmup_lr, 0.0, strict=True)
+        self.neuron_budget = check_whole(
+            "neuron_budget", self.neuron_budget, 1, optional=True, why=" (None: no budget)"
+        )
+        if self.head_warmup_steps and not self.modules_to_save:
+            raise ValueError(
+                "head_warmup_steps needs the head to warm up: name it in modules_to_save (e.g. ['classifier'])"
+            )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.target_modules is not None and not self.target_modules:

@@ -66,10 +66,11 @@ class TopoAdapter(nn.Module):
         return self.up.shape[1]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        hidden = self.activation(self.down(h))
-        if self.layout == "channels":
-            return h + F.conv2d(hidden, self.up[:, :, None, None])
-        return h + F.linear(hidden, self.up)
+        """Computes in the layer's dtype and returns the stream's (a float32 layer baked into a bf16 model)."""
+        hidden = self.activation(self.down(h.to(self.down.weight.dtype)))
+        up = self.up.to(hidden.dtype)
+        delta = F.conv2d(hidden, up[:, :, None, None]) if self.layout == "channels" else F.linear(hidden, up)
+        return (h + delta).to(h.dtype)
 
     @torch.no_grad()
     def set_directions(self, directions: Directions, eps: float = 1.0) -> TopoAdapter:

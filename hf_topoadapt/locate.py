@@ -29,6 +29,11 @@ KNOWN_BLOCK_PATHS = (
     "_blocks",  # EfficientNet (lukemelas layout)
 )
 KNOWN_HEAD_PATHS = ("classifier", "head", "fc", "_fc", "score")
+# The module whose output a single-Linear classifier reads (its pooled features), by family: BERT-family
+# ...ForSequenceClassification (dropout of the pooled output), transformers ViT ...ForImageClassification (the final
+# layernorm; the classifier reads its [CLS] token), EfficientNet-Lite (_dropout), timm (head_drop).
+KNOWN_HEAD_INPUTS = ("dropout", "vit.layernorm", "_dropout", "head_drop")
+HEAD_INPUT = "head_input"
 
 
 class PositionsNotFoundError(ValueError):
@@ -91,21 +96,42 @@ def find_block_list(model: nn.Module, block_path: str | None = None) -> tuple[st
     )
 
 
+def find_head(model: nn.Module, head_path: str | None) -> tuple[str | None, nn.Module | None]:
+    if head_path is not None:
+        return head_path, get_submodule(model, head_path, "head_path")
+    for candidate in KNOWN_HEAD_PATHS:
+        try:
+            return candidate, model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None, None
+
+
+def head_input_position(model: nn.Module, head_path: str | None, index: int) -> list[Position]:
+    """The input of a single-Linear classifier (the pooled features), as the output of the module that feeds it:
+    a new layer there is the paper's transfer setting, a layer added to the MLP head of a frozen model. The tap is
+    the feeding module's output rather than the classifier's input, so the classifier itself can be trained and
+    saved whole (modules_to_save) without carrying the layer."""
+    path, head = find_head(model, head_path)
+    head = getattr(head, "original_module", head)  # seen through peft's modules_to_save wrapper
+    if not isinstance(head, nn.Linear):
+        return []
+    for candidate in KNOWN_HEAD_INPUTS:
+        try:
+            feeder = model.get_submodule(candidate)
+        except AttributeError:
+            continue
+        return [Position(HEAD_INPUT, feeder, "output", index=index, kind="head_input")]
+    return []
+
+
 def head_positions(model: nn.Module, head_path: str | None, start_index: int) -> list[Position]:
     """Positions strictly inside an MLP head: after each child that feeds a later Linear, once a Linear
-    has already been applied (the head's own input is the last block's position, not a head one)."""
-    if head_path is not None:
-        head, path = get_submodule(model, head_path, "head_path"), head_path
-    else:
-        head, path = None, None
-        for candidate in KNOWN_HEAD_PATHS:
-            try:
-                head, path = model.get_submodule(candidate), candidate
-                break
-            except AttributeError:
-                continue
+    has already been applied (the head's own input is the last block's position, not a head one); for a
+    single-Linear classifier, its input (`head_input_position`)."""
+    path, head = find_head(model, head_path)
     if not isinstance(head, nn.Sequential):
-        return []
+        return head_input_position(model, head_path, start_index)
     children = list(head.named_children())
     linear_seen, positions = False, []
     for i, (name, child) in enumerate(children[:-1]):
@@ -137,7 +163,7 @@ def find_positions(
     if blocks is not None:
         found.append(Position("embeddings", blocks[0], "input", index=0, kind="embeddings"))
         found += [Position(f"{path}.{i}", block, "output", index=i + 1, kind="block") for i, block in enumerate(blocks)]
-        if include_head:
+        if include_head or (positions is not None and HEAD_INPUT in positions):  # asked for by name
             found += head_positions(model, head_path, len(found))
     if positions is None:
         return found
@@ -150,5 +176,6 @@ def find_positions(
             module = get_submodule(model, name, "position")
             chosen.append(Position(name, module, "output", kind="custom"))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    chosen.sort(key=lambda p: -1 if p.name == "embeddings" else order[p.name])
+    last = {"embeddings": -1, HEAD_INPUT: len(order)}  # not module paths: first and last in depth
+    chosen.sort(key=lambda p: last[p.name] if p.name in last else order[p.name])
     return [Position(p.name, p.module, p.where, index=i, kind=p.kind) for i, p in enumerate(chosen)]

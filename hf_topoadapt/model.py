@@ -19,47 +19,94 @@ from peft import PeftModel
 from torch import nn
 
 from . import __version__
+from .cards import render_model_card
 from .config import TopoAdapterConfig
 from .insertion import InsertionRecord, insert_layer
 from .layers import ADAPTER_ATTRIBUTE, TopoAdapter, attach, detach, factory_kwargs
 from .locate import Position, find_positions
-from .model_cards import render_model_card
 from .report import TopoReport
+from .scoring import score_round
 from .sensitivity.capture import transform_stream
 from .sensitivity.features import layout_of
 from .sensitivity.objective import LossFn, batch_loss, materialize, mean_loss
-from .tuner import TopoLayer
+from .tuner import PREFIX, TopoLayer, check_not_sharded, sharded_parameters
+from .warmup import find_head_modules, warm_up_head
 
 REPORT_NAME = "topo_report.json"
 
 
 class TopoModel(PeftModel):
-    """A `peft.PeftModel` whose adapters are topological-derivative layers, with `topo_report`."""
+    """A `peft.PeftModel` whose adapters are topological-derivative layers, with a report per adapter."""
 
-    topo_report: TopoReport | None = None
+    training_note: str | None = None  # a markdown paragraph on the training, for the model card
+    card_results: list | None = None  # huggingface_hub EvalResults: the card's model-index
+    card_datasets: list[str] | None = None  # Hub ids of the training data, for the card's metadata
+
+    def _full_adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors (topo layers and modules_to_save) in full, gathered from their shards on every
+        process alike; the base weights are left sharded."""
+        state = {}
+        for key, value in self.state_dict().items():
+            if PREFIX in key or ".modules_to_save." in key:
+                state[key] = value.full_tensor() if hasattr(value, "full_tensor") else value
+        return state
+
+    @property
+    def topo_reports(self) -> dict[str, TopoReport]:
+        """Every adapter's report by adapter name (an adapter made or loaded without one has none)."""
+        return self.__dict__.setdefault("_topo_reports", {})
+
+    @property
+    def topo_report(self) -> TopoReport | None:
+        """The active adapter's report."""
+        name = self.active_adapter
+        return self.topo_reports.get(name) if isinstance(name, str) else None
+
+    @topo_report.setter
+    def topo_report(self, report: TopoReport | None) -> None:
+        if not isinstance(self.active_adapter, str):
+            raise ValueError(f"no single active adapter ({self.active_adapter!r}) to attach a report to")
+        if report is None:
+            self.topo_reports.pop(self.active_adapter, None)
+        else:
+            self.topo_reports[self.active_adapter] = report
 
     def save_pretrained(
         self, save_directory: str, adapter_id: str | None = None, training: str | None = None, **kwargs
     ) -> None:
-        """peft's adapter_config.json and adapter_model.safetensors, plus topo_report.json and our model card.
+        """peft's adapter_config.json and adapter_model.safetensors, plus topo_report.json and our model card, for
+        each saved adapter: "default" in `save_directory`, any other in the subfolder peft gives it (its name).
+
+        With the base sharded by FSDP2 (`fully_shard`), call it on every process: the adapter tensors are gathered
+        (a collective) and the first process writes them.
 
         Args:
             adapter_id: the Hub id or path people will load it from (shown in the card).
             training: a markdown paragraph on the training data and metrics, for the card.
         """
+        if "state_dict" not in kwargs and sharded_parameters(self):
+            kwargs["state_dict"] = self._full_adapter_state()
+            kwargs.setdefault("is_main_process", torch.distributed.get_rank() == 0)
         super().save_pretrained(save_directory, **kwargs)
         if not kwargs.get("is_main_process", True):
             return
-        report = self.topo_report or TopoReport()
-        with open(os.path.join(save_directory, REPORT_NAME), "w") as f:
-            json.dump(report.as_dict(), f, indent=2)
-        card = render_model_card(
-            self.peft_config[self.active_adapter], report, adapter_id or save_directory, training or self.training_note
-        )
-        with open(os.path.join(save_directory, "README.md"), "w") as f:
-            f.write(card)
-
-    training_note: str | None = None
+        for name in kwargs.get("selected_adapters") or list(self.peft_config):
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            report = self.topo_reports.get(name) or TopoReport()
+            with open(os.path.join(folder, REPORT_NAME), "w") as f:
+                json.dump(report.as_dict(), f, indent=2)
+            card = render_model_card(
+                self.peft_config[name],
+                report,
+                adapter_id or folder,
+                training or self.training_note,
+                model=self.get_base_model(),
+                results=self.card_results,
+                datasets=self.card_datasets,
+                subfolder=name if adapter_id and name != "default" else None,  # its place inside the Hub repo
+            )
+            with open(os.path.join(folder, "README.md"), "w") as f:
+                f.write(card)
 
     def push_to_hub(
         self,
@@ -96,15 +143,112 @@ class TopoModel(PeftModel):
 
         return load_topo_model(cls, model, model_id, adapter_name, **kwargs)
 
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, *args, **kwargs):
+        """peft's load_adapter (a second adapter, or a Trainer checkpoint into an existing one) with the checks of
+        `from_pretrained` and the adapter's report. A failed load of a new adapter leaves no part of it behind."""
+        from .persistence import check_adapter_to_add, check_loaded_keys, read_report
+
+        new = adapter_name not in self.peft_config
+        if new:
+            check_adapter_to_add(self.get_base_model(), model_id, **kwargs)
+        try:
+            result = super().load_adapter(
+                model_id, adapter_name, is_trainable, *args, **{**kwargs, "use_safetensors": True}
+            )
+            check_loaded_keys(result)
+            _check_no_grown_layers(result, model_id)
+        except Exception:
+            if new and adapter_name in self.peft_config:
+                self.delete_adapter(adapter_name)
+            raise
+        report = read_report(model_id, **kwargs)
+        if report is None:
+            self.topo_reports.pop(adapter_name, None)
+        else:
+            self.topo_reports[adapter_name] = report
+        return result
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """peft's delete_adapter, with the adapter's report; deleting the active one activates the first one left."""
+        super().delete_adapter(adapter_name)
+        self.topo_reports.pop(adapter_name, None)
+
+
+def _check_no_grown_layers(result, model_id: str) -> None:
+    """Saved topo layers the adapter lacks would be dropped without a word: the adapter was grown after this model
+    was made (progressive growth), typically a Trainer checkpoint resumed without restoring the growth first."""
+    extra = [key for key in result.unexpected_keys if PREFIX in key]
+    if extra:
+        raise ValueError(
+            f"{model_id} holds topo layers this adapter does not have ({extra[:3]}): it was grown after this model "
+            "was made. Load it with TopoModel.from_pretrained, or to resume a Trainer run call "
+            "TopoGrowthCallback.restore(trainer, checkpoint) before trainer.train(resume_from_checkpoint=checkpoint)"
+        )
+
+
+def neuron_plan(scores: list, config: TopoAdapterConfig) -> list[tuple[str, int]]:
+    """(position, neurons) within `config.neuron_budget`, best value per parameter first: every candidate neuron
+    (an output row's top eigenvalue, or its cross-fitted value) over what it costs at its position."""
+    items = []
+    for score in scores:
+        if score.spectrum is None:
+            continue
+        cost = score.num_features + (score.width if config.train_up else 0)
+        if score.crossfit is not None:
+            values = list(zip(score.crossfit.rows, score.crossfit.values, strict=True))
+        else:
+            top: dict[int, float] = {}  # the spectrum is descending: a row's first pair is its top one
+            for row, value in zip(score.spectrum.rows.tolist(), score.spectrum.eigenvalues.tolist(), strict=True):
+                top.setdefault(row, value)
+            values = list(top.items())
+        items += [(value / cost, score.name, cost) for _, value in values if value > max(config.threshold, 0.0)]
+    plan: dict[str, int] = {}
+    spent = 0
+    for _, name, cost in sorted(items, key=lambda item: -item[0]):
+        full = name not in plan and len(plan) >= config.num_adapters
+        capped = config.max_neurons is not None and plan.get(name, 0) >= config.max_neurons
+        if full or capped or spent + cost > config.neuron_budget:
+            continue  # a cheaper neuron elsewhere may still fit
+        plan[name] = plan.get(name, 0) + 1
+        spent += cost
+    return list(plan.items())
+
+
+def _budgeted_insertions(model, batches, config, loss_fn, candidates: list[Position]) -> list[InsertionRecord]:
+    """Insert where `neuron_plan` puts the budget, each position with its planned neurons, one after the other (each
+    rescored and line-searched with the earlier layers in place)."""
+    scoring = config.scoring_config(positions=[p.name for p in candidates])
+    first = score_round(model, batches, scoring, loss_fn)
+    plan = neuron_plan(first.scores, config)
+    if not plan:
+        best = max(first.scores, key=lambda s: s.ranking_value)
+        return [insert_layer(model, batches, scoring, loss_fn, best.name, scored=first)]
+    records, first_step = [], None
+    for i, (name, neurons) in enumerate(plan):
+        scoring = config.scoring_config(positions=[name] if i else scoring.positions, neurons=neurons)
+        # the first round's scores serve the first insertion (the neuron rule is applied when it is planned)
+        reuse = None if i else first
+        record = insert_layer(model, batches, scoring, loss_fn, name, first_step=first_step, scored=reuse)
+        records.append(record)
+        first_step = record.line_search_step if record.accepted else first_step
+    return records
+
 
 def _greedy_insertions(model, batches, config, loss_fn, candidates: list[Position]) -> list[InsertionRecord]:
     """Insert at the best remaining position, k times, each one line-searched with the earlier ones in place."""
+    if config.neuron_budget is not None:
+        return _budgeted_insertions(model, batches, config, loss_fn, candidates)
     records: list[InsertionRecord] = []
     remaining = [p.name for p in candidates]
+    first_step = None  # the line search starts where the previous one ended: step sizes vary little between layers
     while remaining and sum(r.accepted for r in records) < config.num_adapters:
-        record = insert_layer(model, batches, config.scoring_config(positions=remaining), loss_fn)
+        scoring = config.scoring_config(positions=remaining)
+        record = insert_layer(model, batches, scoring, loss_fn, first_step=first_step)
         records.append(record)
-        if not record.accepted and record.eigenvalue <= max(config.threshold, 0.0):
+        if record.accepted:
+            first_step = record.line_search_step
+        ranking = record.eigenvalue if record.crossfit_gain is None else record.crossfit_gain
+        if not record.accepted and ranking <= max(config.threshold, 0.0):
             break  # the best remaining position cannot lower the loss, so none can
         remaining.remove(record.position)
     return records
@@ -122,6 +266,7 @@ def get_topo_model(
     """
     if not isinstance(config, TopoAdapterConfig):
         raise TypeError(f"config must be a TopoAdapterConfig, got {type(config).__name__}")
+    check_not_sharded(model)  # before the scoring work, not after it
     if calibration_data is None and not (config.target_modules and config.init == "random"):
         raise ValueError(
             "get_topo_model needs calibration_data (an iterable of batches) to score positions and initialise the "
@@ -136,6 +281,7 @@ def get_topo_model(
     candidates = find_positions(
         model, scoring.block_path, config.target_modules or scoring.positions, scoring.include_head, scoring.head_path
     )
+    warmed = _warm_up_head(model, config, batches, loss_fn)
     if config.init == "random":
         records = _random_insertions(model, config, candidates, batches, loss_fn)
     else:
@@ -165,7 +311,36 @@ def get_topo_model(
     peft_model = TopoModel(model, config, adapter_name)
     load_adapter_weights(peft_model, shapes, weights, adapter_name)
     peft_model.topo_report = TopoReport.from_records(records)
+    if warmed is not None:
+        record, originals = warmed
+        _restore_original_heads(peft_model, originals)
+        peft_model.topo_report.warmup = record.as_dict()
     return peft_model
+
+
+def _warm_up_head(model, config: TopoAdapterConfig, batches, loss_fn):
+    """The head warm-up before scoring: (its record, the heads' original weights), or None without one."""
+    if not config.head_warmup_steps or batches is None:
+        return None
+    originals = {
+        path: {k: v.detach().clone() for k, v in module.state_dict().items()}
+        for path, module in find_head_modules(model, config.modules_to_save)
+    }
+    steps, lr = config.head_warmup_steps, config.head_warmup_lr
+    return warm_up_head(model, batches, config.modules_to_save, steps, lr, loss_fn), originals
+
+
+@torch.no_grad()
+def _restore_original_heads(peft_model: TopoModel, originals: dict[str, dict]) -> None:
+    """The warmed head lives on in peft's trainable copy (modules_to_save); the wrapped original gets its own
+    weights back, so the base model (disable_adapter, unload) is the user's model, unchanged."""
+    base = peft_model.get_base_model()
+    for path, state in originals.items():
+        wrapper = base.get_submodule(path)
+        original = getattr(wrapper, "original_module", None)
+        if original is None:
+            raise RuntimeError(f"the warmed head {path} was not wrapped by modules_to_save")
+        original.load_state_dict(state)
 
 
 def _module_path(model: nn.Module, module: nn.Module) -> str:

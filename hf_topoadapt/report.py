@@ -27,6 +27,7 @@ INSERTION_KEYS = (
 class TopoReport:
     scores: list[dict] = field(default_factory=list)  # every candidate position, from the first scoring round
     insertions: list[dict] = field(default_factory=list)
+    warmup: dict | None = None  # the head warm-up before scoring: steps, lr, loss before and after
 
     @classmethod
     def from_records(cls, records) -> TopoReport:
@@ -36,24 +37,42 @@ class TopoReport:
 
     @classmethod
     def from_dict(cls, data: dict) -> TopoReport:
-        return cls(list(data.get("scores", [])), list(data.get("insertions", [])))
+        return cls(list(data.get("scores", [])), list(data.get("insertions", [])), data.get("warmup"))
 
     def as_dict(self) -> dict:
-        return {"scores": self.scores, "insertions": self.insertions}
+        out = {"scores": self.scores, "insertions": self.insertions}
+        return {**out, "warmup": self.warmup} if self.warmup else out
 
     @property
     def chosen(self) -> list[str]:
         return [i["position"] for i in self.insertions if i["accepted"]]
 
-    def table(self) -> str:
+    def warmup_line(self) -> str:
+        if not self.warmup:
+            return ""
+        w = self.warmup
+        return (
+            f"Head warm-up before scoring: {', '.join(w['modules'])} alone, {w['steps']} steps at lr {w['lr']:g}, "
+            f"calibration loss {w['loss_before']:.4f} -> {w['loss_after']:.4f}."
+        )
+
+    def scores_table(self) -> str:
         chosen = set(self.chosen)
-        lines = ["| depth | position | eigenvalue | chosen |", "|---:|---|---:|:---:|"]
+        crossed = any(s.get("crossfit_eigenvalue") is not None for s in self.scores)
+        if crossed:  # both estimates: the plain top eigenvalue and the cross-fitted value positions compete by
+            lines = ["| depth | position | eigenvalue | cross-fitted | chosen |", "|---:|---|---:|---:|:---:|"]
+        else:
+            lines = ["| depth | position | eigenvalue | chosen |", "|---:|---|---:|:---:|"]
         for s in sorted(self.scores, key=lambda s: s["index"]):
+            fitted = s.get("crossfit_eigenvalue")
+            cell = f" {fitted:.4g} |" if crossed and fitted is not None else (" - |" if crossed else "")
             lines.append(
-                f"| {s['index']} | {s['name']} | {s['eigenvalue']:.4g} | {'yes' if s['name'] in chosen else ''} |"
+                f"| {s['index']} | {s['name']} | {s['eigenvalue']:.4g} |{cell} {'yes' if s['name'] in chosen else ''} |"
             )
-        lines += [
-            "",
+        return "\n".join(lines)
+
+    def insertions_table(self) -> str:
+        lines = [
             "| position | neurons | eps | predicted decrease | measured decrease | loss before -> after |",
             "|---|---:|---:|---:|---:|---|",
         ]
@@ -66,6 +85,10 @@ class TopoReport:
                 f"{i['measured_decrease']:.4g} | {i['loss_before']:.4f} -> {i['loss_after']:.4f} |"
             )
         return "\n".join(lines)
+
+    def table(self) -> str:
+        """The warm-up (if any), every position's score and what was inserted, as markdown."""
+        return "\n\n".join(part for part in (self.warmup_line(), self.scores_table(), self.insertions_table()) if part)
 
     def __str__(self) -> str:
         return self.table()

@@ -19,11 +19,13 @@ from .activations import resolve_activation
 from .config import ScoringConfig
 from .locate import find_positions
 from .sensitivity.capture import PairAccumulator, capture
+from .sensitivity.crossfit import CrossFitted, SplitAccumulator, cross_fit, crossfit_spectrum
 from .sensitivity.directions import coordinate_directions
 from .sensitivity.distributed import fail_together, rank, sum_across
-from .sensitivity.objective import LossFn, materialize
+from .sensitivity.objective import LossFn, materialize, model_device
 from .sensitivity.operators import BlockOperator, DenseBlocks
-from .sensitivity.solvers import Spectrum, exact_spectrum, lanczos_spectrum
+from .sensitivity.precision import autocast_off
+from .sensitivity.solvers import Spectrum, exact_spectrum, lanczos_spectra
 
 
 @dataclass
@@ -45,11 +47,25 @@ class PositionScore:
     neurons: list[int] = field(default_factory=list)  # output neurons the eps_s rule keeps (empty if <= 0)
     gain: float = 0.0  # phi^T Q phi of the eps_s initialisation (sum of the kept eigenvalues)
     tokens: int = 0  # tokens seen over the calibration data
-    tokens_used: int = 0  # tokens the solver used (a subsample under the token cap)
+    tokens_used: int = 0  # tokens with a non-zero adjoint the solver used (fewer only under a token cap)
     solver: str = "exact"
     residual: float = 0.0
+    crossfit_eigenvalue: float | None = None  # the best row's cross-fitted value (METHOD.md section 8), if asked for
     spectrum: Spectrum | None = field(default=None, repr=False, compare=False)
     operator: BlockOperator | None = field(default=None, repr=False, compare=False)
+    crossfit: CrossFitted | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ranking_value(self) -> float:
+        """What positions compete by: the cross-fitted value when there is one, else the top eigenvalue."""
+        return self.eigenvalue if self.crossfit_eigenvalue is None else self.crossfit_eigenvalue
+
+    def neuron_spectrum(self, config: ScoringConfig) -> Spectrum:
+        """The eigenpairs the neuron rule chooses from: by cross-fitted value when cross-fitted."""
+        if self.crossfit is None:
+            return self.spectrum
+        eps_s, cap = config.neuron_rule()
+        return crossfit_spectrum(self.spectrum, self.crossfit, eps_s, cap)
 
     def as_dict(self) -> dict:
         keys = (
@@ -67,6 +83,7 @@ class PositionScore:
             "tokens_used",
             "solver",
             "residual",
+            "crossfit_eigenvalue",
         )
         return {key: getattr(self, key) for key in keys}
 
@@ -92,25 +109,170 @@ def scoring_mode(model: nn.Module, eval_mode: bool) -> Iterator[None]:
             module.training = training
 
 
-def position_generator(seed: int, name: str, process: int = 0) -> torch.Generator:
+def position_generator(seed: int, name: str, process: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator of its own for each position (and process, for the token subsample), so a position's score
-    and initial directions do not depend on which other positions compete (e.g. in greedy top-k insertion)."""
-    return torch.Generator().manual_seed(seed + zlib.crc32(name.encode()) + 7919 * process)
+    and initial directions do not depend on which other positions compete (e.g. in greedy top-k insertion).
+    On the device the draws are made on, so no random numbers cross from the host."""
+    return torch.Generator(device).manual_seed(seed + zlib.crc32(name.encode()) + 7919 * process)
 
 
-def solve(operator: BlockOperator, config: ScoringConfig, generator: torch.Generator) -> Spectrum:
+def pair_memory(config: ScoringConfig, device: torch.device, positions: int) -> int:
+    """Bytes of captured (z, p) pairs each of `positions` positions may hold: a share of the free memory on CUDA,
+    of `cpu_pair_memory` elsewhere."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        total = config.pair_memory_fraction * free
+    else:
+        total = config.cpu_pair_memory
+    return int(total // max(1, positions))
+
+
+def solve(operator: BlockOperator, config: ScoringConfig, generator: torch.Generator | None) -> Spectrum:
+    """The spectrum of one position's operator (see `solve_all`)."""
+    return solve_all([operator], config, [generator])[0]
+
+
+def solve_all(
+    operators: list[BlockOperator],
+    config: ScoringConfig,
+    generators: list[torch.Generator | None],
+    progress: tqdm | None = None,
+) -> list[Spectrum]:
+    """Every position's spectrum: dense blocks exactly, token pairs by Lanczos, the latter batched across positions
+    of one shape when `config.batch_positions` says so (by default on accelerators). `progress` advances by one
+    per position solved."""
     keep = max(config.max_neurons or 64, 16)
-    if isinstance(operator, DenseBlocks):
-        # Every pair the neuron rule may take: lambda >= (1 - eps_s) lambda_1, or any positive one for a fixed m.
-        floor = 1.0 - config.eps_s if config.neurons is None else 0.0
-        return exact_spectrum(operator, keep, floor)
-    return lanczos_spectrum(
-        operator,
-        keep,
-        config.lanczos_screen_iterations,
-        config.lanczos_refine_iterations,
-        max(config.lanczos_refine_rows, config.max_neurons or 0),
-        generator=generator,
+    spectra: list[Spectrum | None] = [None] * len(operators)
+    groups: dict[tuple, list[int]] = {}
+    for index, operator in enumerate(operators):
+        if isinstance(operator, DenseBlocks):
+            # Every pair the neuron rule may take: lambda >= (1 - eps_s) lambda_1, or any positive one for a fixed m.
+            floor = 1.0 - config.eps_s if config.neurons is None else 0.0
+            spectra[index] = exact_spectrum(operator, keep, floor)
+            if progress is not None:
+                progress.update(1)
+            continue
+        batched = config.batch_positions if config.batch_positions is not None else operator.device.type != "cpu"
+        key = (operator.num_features, operator.dtype, operator.device) if batched else (index,)
+        groups.setdefault(key, []).append(index)
+    for members in groups.values():
+        solved = lanczos_spectra(
+            [operators[i] for i in members],
+            keep,
+            config.lanczos_screen_iterations,
+            config.lanczos_refine_iterations,
+            max(config.lanczos_refine_rows, config.max_neurons or 0),
+            generators=[generators[i] for i in members],
+            screen_tokens=config.screen_tokens,
+            tf32=config.tf32_products and operators[members[0]].device.type == "cuda",
+        )
+        for i, spectrum in zip(members, solved, strict=True):
+            spectra[i] = spectrum
+        if progress is not None:
+            progress.update(len(members))
+    return spectra
+
+
+@dataclass
+class ScoringRound:
+    """One scoring pass: every position's score (with operator and spectrum), its tap, and J of the model."""
+
+    scores: list[PositionScore]
+    positions: list
+    loss: float  # the mean of the batch losses, from the same forward passes
+
+
+def score_round(
+    model: nn.Module, data: Iterable, config: ScoringConfig | None = None, loss_fn: LossFn | None = None
+) -> ScoringRound:
+    """score_positions that also keeps each position's operator and spectrum, and J (for insertion)."""
+    config = ScoringConfig.from_any(config)
+    _, curvature = resolve_activation(config.activation)
+    positions = find_positions(model, config.block_path, config.positions, config.include_head, config.head_path)
+    dtype = compute_dtype(model, config)
+    device = model_device(model)
+    budget = pair_memory(config, device, len(positions))
+    # Token-subsample keys differ per process (position_generator's third argument); the solver's start
+    # vectors below must be the same on every process.
+    mode = {"exact": "blocks", "lanczos": "pairs", "auto": "auto"}[config.solver]
+
+    def accumulator(position, share: int = 1) -> PairAccumulator:
+        return PairAccumulator(
+            mode,
+            curvature,
+            config.max_tokens,
+            config.kernel_size,
+            dtype,
+            position_generator(config.seed, position.name + ("" if share == 1 else "/part"), rank(), device),
+            config.exact_max_features,
+            config.exact_max_entries,
+            max_bytes=None if budget is None else budget // share,
+        )
+
+    if config.crossfit:  # two halves of the examples per position, each with half the memory
+        accumulators = [SplitAccumulator(lambda p=position: accumulator(p, 2)) for position in positions]
+    else:
+        accumulators = [accumulator(position) for position in positions]
+    with fail_together():
+        batches = materialize(data)
+        with scoring_mode(model, config.eval_mode):
+            loss_sum = capture(model, batches, positions, loss_fn, accumulators, config.progress)
+    num_batches = sum_across(len(batches))
+    loss = sum_across(loss_sum) / num_batches
+    with autocast_off():
+        for accumulator in accumulators:
+            accumulator.combine_across_processes()
+        operators = [accumulator.operator(num_batches) for accumulator in accumulators]
+        generators = [
+            position_generator(config.seed, p.name, 0, op.device) for p, op in zip(positions, operators, strict=True)
+        ]
+        with tqdm(total=len(operators), desc="solving eigenproblems", disable=not config.progress) as bar:
+            spectra = solve_all(operators, config, generators, bar)
+        fits = [None] * len(positions)
+        if config.crossfit:
+            for i, (acc, spectrum, generator) in enumerate(zip(accumulators, spectra, generators, strict=True)):
+                if spectrum.top > 0:
+                    fits[i] = cross_fit(acc.parts, spectrum, config.lanczos_refine_iterations, generator)
+        scores = [
+            position_score(position, acc, operator, spectrum, config, fit)
+            for position, acc, operator, spectrum, fit in zip(
+                positions, accumulators, operators, spectra, fits, strict=True
+            )
+        ]
+    return ScoringRound(scores, positions, float(loss))
+
+
+def position_score(
+    position, accumulator, operator: BlockOperator, spectrum: Spectrum, config, fit: CrossFitted | None = None
+) -> PositionScore:
+    neurons, gain = [], 0.0
+    ranking = spectrum.top if fit is None else fit.top
+    if ranking > config.threshold and ranking > 0:
+        chosen = spectrum if fit is None else crossfit_spectrum(spectrum, fit, *config.neuron_rule())
+        if chosen.eigenvalues.numel():
+            rule = config.neuron_rule() if fit is None else (1.0, None)  # the cross-fitted rule already chose
+            directions = coordinate_directions(chosen, operator.num_outputs, *rule)
+            neurons = directions.rows
+            gain = directions.value
+    return PositionScore(
+        name=position.name,
+        index=position.index,
+        eigenvalue=spectrum.top,
+        kind=position.kind,
+        layout=accumulator.layout,
+        width=accumulator.width,
+        num_features=operator.num_features,
+        top_eigenvalues=spectrum.eigenvalues[:8].tolist(),
+        neurons=neurons,
+        gain=gain,
+        tokens=accumulator.tokens_seen,
+        tokens_used=accumulator.tokens_used,
+        solver=spectrum.solver,
+        residual=spectrum.residual,
+        crossfit_eigenvalue=None if fit is None else fit.top,
+        spectrum=spectrum,
+        operator=operator,
+        crossfit=fit,
     )
 
 
@@ -118,65 +280,8 @@ def score_with_operators(
     model: nn.Module, data: Iterable, config: ScoringConfig | None = None, loss_fn: LossFn | None = None
 ) -> tuple[list[PositionScore], list]:
     """score_positions that also keeps each position's operator and spectrum (for insertion)."""
-    config = ScoringConfig.from_any(config)
-    _, curvature = resolve_activation(config.activation)
-    positions = find_positions(model, config.block_path, config.positions, config.include_head, config.head_path)
-    dtype = compute_dtype(model, config)
-    # Token-subsample keys differ per process (position_generator's third argument); the solver's start
-    # vectors below must be the same on every process.
-    mode = {"exact": "blocks", "lanczos": "pairs", "auto": "auto"}[config.solver]
-    accumulators = [
-        PairAccumulator(
-            mode,
-            curvature,
-            config.max_tokens,
-            config.kernel_size,
-            dtype,
-            position_generator(config.seed, position.name, rank()),
-            config.exact_max_features,
-            config.exact_max_entries,
-        )
-        for position in positions
-    ]
-    with fail_together():
-        batches = materialize(data)
-        with scoring_mode(model, config.eval_mode):
-            capture(model, batches, positions, loss_fn, accumulators, config.progress)
-    num_batches = sum_across(len(batches))
-    for accumulator in accumulators:
-        accumulator.combine_across_processes()
-    scores = []
-    for position, accumulator in tqdm(
-        list(zip(positions, accumulators, strict=True)), desc="solving eigenproblems", disable=not config.progress
-    ):
-        operator = accumulator.operator(num_batches)
-        spectrum = solve(operator, config, position_generator(config.seed, position.name))
-        neurons, gain = [], 0.0
-        if spectrum.top > config.threshold and spectrum.top > 0:
-            directions = coordinate_directions(spectrum, operator.num_outputs, *config.neuron_rule())
-            neurons = directions.rows
-            gain = directions.value
-        scores.append(
-            PositionScore(
-                name=position.name,
-                index=position.index,
-                eigenvalue=spectrum.top,
-                kind=position.kind,
-                layout=accumulator.layout,
-                width=accumulator.width,
-                num_features=operator.num_features,
-                top_eigenvalues=spectrum.eigenvalues[:8].tolist(),
-                neurons=neurons,
-                gain=gain,
-                tokens=accumulator.tokens_seen,
-                tokens_used=accumulator.tokens_used,
-                solver=spectrum.solver,
-                residual=spectrum.residual,
-                spectrum=spectrum,
-                operator=operator,
-            )
-        )
-    return scores, positions
+    scored = score_round(model, data, config, loss_fn)
+    return scored.scores, scored.positions
 
 
 def score_positions(

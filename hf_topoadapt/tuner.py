@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper
+from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 from torch.nn import functional as F
 
@@ -17,6 +19,34 @@ from .activations import resolve_activation
 from .layers import ADAPTER_ATTRIBUTE, TopoAdapter, find_adapter_hooks, register_adapter_hook
 
 PREFIX = "topo_"
+
+
+def sharded_parameters(model: nn.Module) -> bool:
+    """Whether the model holds DTensor weights (FSDP2's fully_shard, tensor parallelism)."""
+    if not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def check_not_sharded(model: nn.Module) -> None:
+    """Topo adapters go into the unsharded model. Added to a model already sharded by FSDP (or holding DTensor
+    weights), their weights would stay outside the shards: each process would train its own copy and the copies
+    would drift apart without an error."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if sharded_parameters(model) or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(
+            "the model is already sharded (FSDP / DTensor weights): topo adapters must be added before sharding, or "
+            "each process would train its own unsharded copy of them. Call get_topo_model (or TopoModel.from_pretrained"
+            ") on the unsharded model, then shard it (fully_shard on each block and on the root, or accelerator."
+            "prepare); score_positions itself works on a sharded model"
+        )
 
 
 class TopoLayer(nn.Module, BaseTunerLayer):
@@ -55,19 +85,21 @@ class TopoLayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Each adapter computes in its weights' dtype (peft keeps them in float32 on a bf16/fp16 model) and the
+        sum is returned in the stream's dtype, as peft's LoRA layers do."""
         if self.disable_adapters:
             return h
         out = h
         for name in self.active_adapters:
             if name not in self.topo_down:
                 continue
-            hidden = self.topo_activation[name](self.topo_down[name](h))
-            up = self.topo_up[name]
+            down, up = self.topo_down[name], self.topo_up[name]
+            hidden = self.topo_activation[name](down(self._cast_input_dtype(h, down.weight.dtype)))
             if self.layout == "channels":
-                out = out + F.conv2d(hidden, up[:, :, None, None])
+                out = out + F.conv2d(hidden, up[:, :, None, None].to(hidden.dtype))
             else:
-                out = out + F.linear(hidden, up)
-        return out
+                out = out + F.linear(hidden, up.to(hidden.dtype))
+        return out.to(h.dtype)
 
     def to_plain(self, adapter_name: str) -> TopoAdapter:
         """The adapter as a plain `TopoAdapter` (for merge_and_unload)."""
@@ -90,13 +122,30 @@ class TopoTuner(BaseTuner):
     tuner_layer_cls = TopoLayer
     target_module_mapping: dict = {}
 
+    def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        check_not_sharded(model)
+
     def _prepare_adapter_config(self, peft_config, model_config):
-        if not peft_config.adapter_shapes:
+        if peft_config.adapter_shapes is None:
             raise ValueError(
                 "this TopoAdapterConfig has no adapter_shapes: create the model with hf_topoadapt.get_topo_model("
-                "model, config, calibration_data=...) (which scores and fills them) or load a saved adapter"
+                "model, config, calibration_data=...) (which scores and fills them), start a model that grows from "
+                "its head with hf_topoadapt.growth.head_only_topo_model, or load a saved adapter"
             )
         return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """An adapter with no layers yet (adapter_shapes == {}: progressive growth starting from the head, whose
+        layers are added later) matches no module, which peft refuses except for its dummy target; peft then still
+        freezes the base model and sets up modules_to_save."""
+        config = self.peft_config[adapter_name]
+        if config.adapter_shapes != {}:
+            return super().inject_adapter(model, adapter_name, *args, **kwargs)
+        target_modules, config.target_modules = config.target_modules, DUMMY_TARGET_MODULES
+        try:
+            return super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            config.target_modules = target_modules
 
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
         return any(shape["module"] == key for shape in peft_config.adapter_shapes.values())
@@ -150,3 +199,37 @@ class TopoTuner(BaseTuner):
 
     def _check_merge_allowed(self):
         return None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """peft's version skips every module whose path holds the prefix "topo_" (so every topo layer: it is a child
+        named topo_adapter...) and takes the next active adapter from the first layer it meets, which may hold none.
+        Here the layers are walked, and a deleted active adapter hands over to the first adapter left."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist; adapters: {list(self.peft_config)}")
+        was_active = adapter_name in self.active_adapters
+        del self.peft_config[adapter_name]
+        for *_, layer in list(self._topo_layers()):
+            for attribute in layer.adapter_layer_names + layer.other_param_names:
+                if adapter_name in getattr(layer, attribute):
+                    del getattr(layer, attribute)[adapter_name]
+            layer.frozen_peft_weight_names.pop(adapter_name, None)
+        active = [name for name in self.active_adapters if name != adapter_name]
+        if was_active and not active:
+            active = list(self.peft_config)[:1]
+        for module in self.model.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):  # modules_to_save copies
+                module.delete_adapter(adapter_name, new_active_adapters=active or None)
+        if active:
+            self.set_adapter(active, inference_mode=all(self.peft_config[name].inference_mode for name in active))
+        else:
+            self.active_adapter = []
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft upcasts bf16/fp16 adapter weights to float32 by replacing each `ParameterDict` entry with a new
+        Parameter, which always requires grad: U (`topo_up`) would start training (train_up=False) and a model
+        loaded for inference would have trainable adapters. Whether each one requires grad is put back."""
+        ups = [layer.topo_up for *_, layer in self._topo_layers() if adapter_name in layer.topo_up]
+        requires_grad = [up[adapter_name].requires_grad for up in ups]
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        for up, flag in zip(ups, requires_grad, strict=True):
+            up[adapter_name].requires_grad_(flag)

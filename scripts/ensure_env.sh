@@ -25,6 +25,7 @@ done
 
 [ -f "$constraints" ] || { log "missing $constraints"; exit 1; }
 pins_sha="$(cat "$constraints" "$root/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
+pyproject_sha="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 up_to_date() { [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$pins_sha" ]; }
 if [ "$recreate" = 0 ] && up_to_date; then
   exit 0
@@ -103,6 +104,13 @@ editable_here = url.get("dir_info", {}).get("editable") and url.get("url", "").r
 sys.exit(0 if editable_here and would_install <= {"hf-topoadapt"} else 1)
 PY
   then
+    # The dependencies match; the package's own layout (packages, package-dir) may not: the editable install maps
+    # module names to folders when it is made, so a changed pyproject.toml is reinstalled (without dependencies).
+    if [ "$(cat "$venv/.pyproject.sha" 2>/dev/null)" != "$pyproject_sha" ]; then
+      log "pyproject.toml changed: reinstalling the editable package"
+      quiet_pip --no-deps -e "$root"
+      echo "$pyproject_sha" >"$venv/.pyproject.sha"
+    fi
     echo "$pins_sha" >"$stamp"
     log "$venv already matches the pins"
     exit 0
@@ -114,5 +122,6 @@ quiet_pip -c "$filtered" -e "$spec"
   log "the venv does not import torch/torchvision/transformers/hf_topoadapt"
   exit 1
 }
+echo "$pyproject_sha" >"$venv/.pyproject.sha"
 echo "$pins_sha" >"$stamp"
 log "ready in $((SECONDS - start)) s"

@@ -338,7 +338,8 @@ def test_zero_adjoint_tokens_dropped_cls_classifier(builder, solver):
     """A CLS-token classifier reads only token 0 of the last block: only the CLS tokens count there; every
     token counts at earlier positions (attention mixes them)."""
     model, batches, _, _, _ = builder()
-    scores, _ = score_with_operators(model, batches, hta.ScoringConfig(solver=solver))
+    config = hta.ScoringConfig(solver=solver, include_head=False)  # the blocks; the classifier input is tested below
+    scores, _ = score_with_operators(model, batches, config)
     sequences = sum(next(iter(b.values())).shape[0] for b in batches)
     tokens = scores[0].tokens
     assert tokens == sequences * (5 if builder is hf_bert else 1 + (8 // 4) ** 2)
@@ -349,9 +350,22 @@ def test_zero_adjoint_tokens_dropped_cls_classifier(builder, solver):
     assert last.tokens_used == sequences, (last.name, last.tokens_used)
 
 
+@pytest.mark.parametrize("builder", [hf_bert, hf_vit], ids=["hf_bert", "hf_vit"])
+def test_the_classifier_input_counts_one_token_per_example(builder):
+    """BERT's classifier reads the pooled vector (one state per example); ViT's reads the [CLS] token of the final
+    layernorm's output (one token per example has a non-zero adjoint)."""
+    model, batches, _, _, _ = builder()
+    scores, _ = score_with_operators(model, batches, hta.ScoringConfig(solver="exact"))
+    sequences = sum(next(iter(b.values())).shape[0] for b in batches)
+    head = scores[-1]
+    assert (head.name, head.tokens_used) == ("head_input", sequences)
+    assert head.layout == ("vector" if builder is hf_bert else "tokens")
+    assert head.tokens == (sequences if builder is hf_bert else scores[0].tokens)
+
+
 def test_cls_tokens_are_the_pairs_kept():
     model, batches, _, _, _ = hf_bert()
-    scores, _ = score_with_operators(model, batches, hta.ScoringConfig(solver="lanczos"))
+    scores, _ = score_with_operators(model, batches, hta.ScoringConfig(solver="lanczos", include_head=False))
     kept = scores[-1].operator.z[:, :-1]
     with torch.no_grad():
         cls = torch.cat([model(**b, output_hidden_states=True).hidden_states[-1][:, 0] for b in batches])

@@ -49,11 +49,21 @@ def scored(name: str):
     return scores, positions
 
 
+# The classifier input is a pooled vector, except for transformers' ViT, whose classifier reads the [CLS] token of
+# the final layernorm's output (the tap is that output, every token).
+HEAD_INPUT_LAYOUT = {"hf_bert": "vector", "timm_vit": "vector", "hf_vit": "tokens"}
+
+
+def position_layout(name: str, position) -> str:
+    return HEAD_INPUT_LAYOUT[name] if position.kind == "head_input" else built(name)[4]
+
+
 @functools.cache
 def reference(name: str, index: int):
     """(gradient, Hessian) of J at the index-th position, by autograd."""
-    model, batches, loss_fn, _, layout = built(name)
+    model, batches, loss_fn, _, _ = built(name)
     scores, positions = scored(name)
+    layout = position_layout(name, positions[index])
     width = scores[index].width  # the builder's width, or the hidden size inside an MLP head
     size = width * num_features(layout, width, 3)
     return hessian(objective(model, batches, loss_fn, positions[index], width, layout), size)
@@ -68,8 +78,9 @@ CASES = [
 
 def test_every_builder_has_positions():
     # embeddings + every block (+ the MLP head's inner position for residual_mlp)
-    expected = {"residual_mlp": 5, "residual_cnn": 3, "hf_vit": 3, "hf_bert": 3, "hf_gpt2": 3, "hf_llama": 3}
-    expected["timm_vit"] = 3
+    # (+ the classifier's input for the single-Linear classifiers of hf_vit, hf_bert and timm_vit)
+    expected = {"residual_mlp": 5, "residual_cnn": 3, "hf_vit": 4, "hf_bert": 4, "hf_gpt2": 3, "hf_llama": 3}
+    expected["timm_vit"] = 4
     for name, count in expected.items():
         assert len(find_positions(built(name)[0])) == count, name
     assert [p.name for p in find_positions(built("residual_mlp")[0])][-1] == "head.1"
@@ -77,8 +88,9 @@ def test_every_builder_has_positions():
 
 @pytest.mark.parametrize("name,index", CASES)
 def test_gradient_zero_and_hessian_is_minus_q(name, index):
-    _, _, _, width, layout = built(name)
+    _, _, _, width, _ = built(name)
     scores, positions = scored(name)
+    layout = position_layout(name, positions[index])
     score = scores[index]
     assert score.name == positions[index].name
     assert score.index == index

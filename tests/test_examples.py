@@ -36,7 +36,9 @@ def test_quickstart_transformers_trains_saves_and_reloads(tmp_path):
 def test_quickstart_timm_scores_every_block_and_trains():
     pytest.importorskip("timm")
     out = run_example("quickstart_timm.py")
-    assert out.count("eigenvalue") == 13  # after the patch embedding and after each of the 12 blocks
+    # after the patch embedding, after each of the 12 blocks, and the classifier head's input
+    assert out.count("eigenvalue") == 14
+    assert "head_input" in out
     losses = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("epoch")]
     assert len(losses) == 3 and losses[-1] < losses[0]
 

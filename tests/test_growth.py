@@ -199,7 +199,8 @@ def test_grows_a_model_from_no_blocks_and_from_one(depth):
     grower = Grower(model, GrowthConfig(schedule=[1]), F.mse_loss)
     entry = grower.maybe_grow(1, calibration_data=data)
     assert entry["accepted"] and model.depth == depth + 1
-    assert entry["position"] == ("stem" if depth == 0 else entry["position"])
+    assert set(entry["scores"]) == ({"stem"} if depth == 0 else {"embeddings", "blocks.0"})
+    assert entry["position"] == max(entry["scores"], key=entry["scores"].get)  # the best-scored position
 
 
 @pytest.mark.parametrize("kind", ["cnn", "vit"])
@@ -366,6 +367,22 @@ def test_stop_rules():
         ({"schedule": [1], "neurons": 0}, "neurons must be"),
         ({"schedule": [1], "neurons": []}, "neurons must be"),
         ({"schedule": [1], "neurons": [3, 1.5]}, "neurons must be"),
+        ({"schedule": [1], "neurons": float("nan")}, "neurons must be"),
+        ({"schedule": [float("nan")]}, "schedule entries"),
+        ({"schedule": ["2"]}, "schedule entries"),
+        ({"schedule": [1], "max_insertions": 0}, "max_insertions must be >= 1 or None, got 0"),
+        ({"schedule": [1], "stop_patience": 0}, "stop_patience must be >= 1 or None, got 0"),
+        ({"schedule": [1], "calibration_batches": -1}, "calibration_batches must be >= 1 or None, got -1"),
+        ({"schedule": [1], "max_params": 0}, "max_params must be >= 1 or None, got 0"),
+        ({"schedule": [1], "max_depth": 1.5}, "max_depth must be a whole number"),
+        ({"schedule": [1], "param_group": -1}, "param_group must be >= 0"),
+        ({"schedule": [1], "init_scale": 0.0}, r"init_scale must be > 0\.0 .*never get a gradient"),
+        ({"schedule": [1], "init_scale": -0.1}, "init_scale must be > 0"),
+        ({"schedule": [1], "init_scale": float("nan")}, "init_scale must be a finite number"),
+        ({"schedule": [1], "min_delta": -0.1}, "min_delta must be >= 0"),
+        ({"schedule": [1], "min_delta": float("inf")}, "min_delta must be a finite number"),
+        ({"schedule": [1], "seed": 0.5}, "seed must be a whole number"),
+        ({"schedule": [1], "scoring": {"lanczos_screen_iterations": 0}}, "lanczos_screen_iterations must be >= 1"),
     ],
 )
 def test_bad_settings_give_clear_errors(settings, message):
@@ -397,7 +414,8 @@ def test_a_hugging_face_model_grows_by_hooks_with_dict_batches(method):
     grower = Grower(model, GrowthConfig(method=method, schedule=[1], max_depth=1), None, optimizer)
     entry = grower.maybe_grow(1, calibration_data=data)
     (spec,) = grower.insertions
-    assert entry["accepted"] and spec["mode"] == "hook" and spec["width"] == width and spec["layout"] == "tokens"
+    layout = "vector" if spec["position"] == "head_input" else "tokens"  # the classifier reads the pooled vector
+    assert entry["accepted"] and spec["mode"] == "hook" and spec["width"] == width and spec["layout"] == layout
     assert len(optimizer.param_groups[0]["params"]) == len(list(model.parameters()))
     assert grower.maybe_grow(2, calibration_data=data) is None and "max_depth" in grower.stopped
     fresh = rebuild(copy.deepcopy(base), grower.state_dict())

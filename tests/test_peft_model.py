@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -17,11 +18,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import peft
 import pytest
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import HfApi, ModelCard, RepoUrl
 from models import BUILDERS
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
@@ -29,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 import hf_topoadapt as hta
 from hf_topoadapt.layers import ADAPTER_ATTRIBUTE, AdapterHook
-from hf_topoadapt.locate import find_block_list
+from hf_topoadapt.locate import HEAD_INPUT, KNOWN_HEAD_INPUTS, find_block_list
 from hf_topoadapt.tuner import TopoLayer
 
 HAS_TIMM = importlib.util.find_spec("timm") is not None
@@ -184,7 +186,10 @@ def test_get_topo_model_inserts_at_the_chosen_positions(cases, family):
     assert set(layers) == set(expected)
     for key, layer in layers.items():
         position, shape = expected[key]
-        assert position == ("embeddings" if shape["where"] == "input" else shape["module"])
+        names = {"input": "embeddings", "output": shape["module"]}
+        assert position == (HEAD_INPUT if position == HEAD_INPUT else names[shape["where"]])
+        if position == HEAD_INPUT:  # the classifier's input: the output of the module that feeds it
+            assert shape["module"] in KNOWN_HEAD_INPUTS and shape["where"] == "output"
         assert layer.width == shape["width"] == case.width
         assert layer.topo_up["default"].shape == (case.width, shape["neurons"])
 
@@ -255,8 +260,9 @@ def test_output_hidden_states_are_the_adapted_block_outputs(cases, family):
                 expected = final_norm()(expected)  # GPT-2 and Llama record the last state after the final norm
             assert torch.equal(hidden_states[i + 1], expected), i
     for name, attribute in topo_layers(base):
-        if attribute == ADAPTER_ATTRIBUTE["output"]:
-            i = next(i for i, block in enumerate(blocks) if block is base.get_submodule(name))
+        host = base.get_submodule(name)
+        if attribute == ADAPTER_ATTRIBUTE["output"] and any(block is host for block in blocks):
+            i = next(i for i, block in enumerate(blocks) if block is host)
             assert not torch.equal(adapted[i], raw[i])  # the block's output adapter acts
 
 
@@ -571,36 +577,79 @@ def test_adapter_inside_a_head_round_trips(tmp_path):
 # 6. push_to_hub offline
 
 
-class FakeHubApi:
-    """create_repo and upload_folder of huggingface_hub.HfApi, writing into a local folder."""
+def hub_api(root: Path, namespace: str = "fake-user"):
+    """An `HfApi` mock with HfApi's real signatures (an unknown or misplaced argument is a TypeError): create_repo
+    returns the RepoUrl the Hub would, upload_folder copies the folder under `root`."""
+    api = mock.create_autospec(HfApi, instance=True)
 
-    def __init__(self, root: Path, namespace: str = "fake-user"):
-        self.root, self.namespace, self.calls = root, namespace, []
+    def create_repo(repo_id, **kwargs):
+        return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else f'{namespace}/{repo_id}'}")
 
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"{self.namespace}/{repo_id}")
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        self.calls.append(("upload_folder", repo_id, kwargs))
-        shutil.copytree(folder_path, self.root / repo_id)
+    def upload_folder(*, repo_id, folder_path, **kwargs):
+        shutil.copytree(folder_path, root / repo_id)
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
+    api.create_repo.side_effect = create_repo
+    api.upload_folder.side_effect = upload_folder
+    return api
 
-def test_push_to_hub_uploads_the_adapter_folder_with_its_card(cases, tmp_path):
+
+def arguments(method, call) -> dict:
+    """Every argument of a recorded call by parameter name, defaults filled in, as the real method receives them."""
+    bound = inspect.signature(method).bind(None, *call.args, **call.kwargs)
+    bound.apply_defaults()
+    return {k: v for k, v in bound.arguments.items() if k != "self"}
+
+
+PUSH_SETTINGS = [
+    {},
+    {"private": True, "token": "hf_secret", "commit_message": "topo v2", "revision": "dev", "create_pr": True},
+    {"private": False, "token": "hf_other"},
+]
+
+
+@pytest.mark.parametrize("settings", PUSH_SETTINGS, ids=["defaults", "private", "public"])
+def test_push_to_hub_uploads_the_adapter_folder_with_its_card(cases, tmp_path, settings):
     case = cases["hf_bert"]
-    api = FakeHubApi(tmp_path)
-    case.model.push_to_hub("topo-bert", api=api)
-    assert [call[:2] for call in api.calls] == [("create_repo", "topo-bert"), ("upload_folder", "fake-user/topo-bert")]
-    uploaded = tmp_path / "fake-user" / "topo-bert"
-    assert {p.name for p in uploaded.iterdir()} == SAVED_FILES
-    local, remote = (load_file(str(p / "adapter_model.safetensors")) for p in (case.path, uploaded))
+    api = hub_api(tmp_path)
+    case.model.push_to_hub("topo-bert", api=api, **settings)
+    api.create_repo.assert_called_once()
+    api.upload_folder.assert_called_once()
+    assert [c[0] for c in api.method_calls] == ["create_repo", "upload_folder"]  # the repo exists before the upload
+    created = arguments(HfApi.create_repo, api.create_repo.call_args)
+    assert created["repo_id"] == "topo-bert" and created["exist_ok"] is True
+    assert created["private"] is settings.get("private") and created["token"] == settings.get("token")
+    assert created["repo_type"] in (None, "model") and created["visibility"] is None
+    uploaded = arguments(HfApi.upload_folder, api.upload_folder.call_args)
+    assert uploaded["repo_id"] == "fake-user/topo-bert"  # the full id create_repo returned
+    assert uploaded["token"] == settings.get("token") and uploaded["repo_type"] in (None, "model")
+    assert uploaded["commit_message"] == settings.get("commit_message", "Upload topo adapter")
+    assert uploaded["revision"] == settings.get("revision") and bool(uploaded["create_pr"]) == settings.get(
+        "create_pr", False
+    )
+    assert uploaded["path_in_repo"] in (None, "", ".") and uploaded["run_as_future"] is False
+    assert uploaded["delete_patterns"] is None and uploaded["allow_patterns"] is None
+
+    folder = tmp_path / "fake-user" / "topo-bert"
+    assert {p.name for p in folder.iterdir()} == SAVED_FILES
+    local, remote = (load_file(str(p / "adapter_model.safetensors")) for p in (case.path, folder))
     assert local.keys() == remote.keys() and all(torch.equal(local[k], remote[k]) for k in local)
-    card = ModelCard.load(str(uploaded / "README.md"))
+    card = ModelCard.load(str(folder / "README.md"))
     assert card.data.library_name == "peft" and "hf_topoadapt" in card.data.tags
     assert 'TopoModel.from_pretrained(base, "fake-user/topo-bert")' in card.text.split("## How to load", 1)[1]
-    loaded = hta.TopoModel.from_pretrained(BUILDERS["hf_bert"]()[0], str(uploaded))
+    loaded = hta.TopoModel.from_pretrained(BUILDERS["hf_bert"]()[0], str(folder))
     assert torch.equal(outputs(loaded, case.batches), case.adapted)
+
+
+def test_push_to_hub_without_an_api_makes_one_with_the_token(cases, tmp_path, monkeypatch):
+    api_class = mock.create_autospec(HfApi)
+    api_class.return_value = hub_api(tmp_path)
+    monkeypatch.setattr("hf_topoadapt.model.HfApi", api_class)
+    cases["hf_bert"].model.push_to_hub("someone/topo-bert", token="hf_secret", private=True)
+    assert arguments(HfApi.__init__, api_class.call_args)["token"] == "hf_secret"
+    created = arguments(HfApi.create_repo, api_class.return_value.create_repo.call_args)
+    assert created["repo_id"] == "someone/topo-bert" and created["private"] is True
+    assert (tmp_path / "someone" / "topo-bert" / "adapter_model.safetensors").is_file()
 
 
 # 7. bad inputs: a clear error, and the base model as it was

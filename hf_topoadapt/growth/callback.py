@@ -1,4 +1,5 @@
-"""Growth inside `transformers.Trainer`: a callback around `Grower`."""
+"""Growth inside `transformers.Trainer`: a callback around `Grower` (a plain model) or `TopoModelGrower` (a
+TopoModel, whose new layers join its peft adapter)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from ..sensitivity.objective import LossFn
 from .distributed import unwrap
 from .grow import Grower, GrowthConfig, first_batches
 from .state import rebuild, save_json
+from .topo_model import make_grower
 
 GROWTH_STATE_NAME = "topo_growth.json"
 
 
 class TopoGrowthCallback(TrainerCallback):
-    """Grows the Trainer's model between epochs (METHOD.md section 7).
+    """Grows the Trainer's model between epochs (METHOD.md section 7): a plain model, or a TopoModel (detected),
+    whose new layers become part of its peft adapter, so the Trainer's checkpoints and save_pretrained hold them.
 
     Decides at each epoch end, or at each evaluation when the config needs validation losses (patience or
     stop_patience; set eval_strategy="epoch"). Scores on `calibration_data` (default: the first
@@ -26,6 +29,7 @@ class TopoGrowthCallback(TrainerCallback):
     Trainer's optimizer (Adam state kept, LR scheduler unchanged). The log is in `callback.grower.log`; every
     Trainer checkpoint folder gets the growth state (architecture + log) as `topo_growth.json`, and
     `restore(trainer, checkpoint)` rebuilds the grown model before `trainer.train(resume_from_checkpoint=...)`.
+    Not supported with load_best_model_at_end: the best checkpoint may hold fewer layers than the model.
 
     Args:
         config: a `GrowthConfig` or dict.
@@ -42,10 +46,11 @@ class TopoGrowthCallback(TrainerCallback):
         self.config = config if isinstance(config, GrowthConfig) else GrowthConfig(**(config or {}))
         self.calibration_data, self.loss_fn = calibration_data, loss_fn
         self.grower: Grower | None = None
+        self._restored = False  # restore() was called for the coming resumed train()
 
     def _grower(self, model, optimizer) -> Grower:
         if self.grower is None:
-            self.grower = Grower(model, self.config, self.loss_fn, optimizer)
+            self.grower = make_grower(model, self.config, self.loss_fn, optimizer)
         self.grower.model, self.grower.optimizer = unwrap(model), optimizer  # the Trainer may rewrap them
         return self.grower
 
@@ -55,6 +60,28 @@ class TopoGrowthCallback(TrainerCallback):
         if calibration is None and train_dataloader is not None:
             calibration = first_batches(train_dataloader, self.config.calibration_batches)
         grower.maybe_grow(state.epoch, val_loss, calibration, step=state.global_step)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Uses that would grow nothing, or grow wrongly, fail here rather than after hours of training."""
+        if self.config.needs_validation and args.eval_strategy == "no":
+            raise ValueError(
+                "this growth config decides on validation losses (patience or stop_patience) but the Trainer never "
+                "evaluates: set eval_strategy='epoch' and pass an eval_dataset, or grow on a schedule"
+            )
+        if args.load_best_model_at_end:
+            raise ValueError(
+                "load_best_model_at_end is not supported with TopoGrowthCallback: the best checkpoint may hold fewer "
+                "layers than the grown model, so its weights would not load onto it"
+            )
+        if state.global_step > 0 and not self._restored:
+            raise ValueError(
+                "resuming a run with TopoGrowthCallback: call callback.restore(trainer, checkpoint) before "
+                "trainer.train(resume_from_checkpoint=checkpoint), so the grown layers and the growth state come back"
+            )
+        self._restored = False
+        if model is not None:
+            self._grower(model, optimizer)  # a model that cannot grow (e.g. a LoRA peft model) fails now
+        return control
 
     def on_epoch_end(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if not self.config.needs_validation:
@@ -83,6 +110,8 @@ class TopoGrowthCallback(TrainerCallback):
         Creates the Trainer's optimizer on the base model (as the original run did), then inserts zero layers of the
         recorded shapes and appends their parameters in the recorded order, so both the model weights and the
         optimizer state in the checkpoint load onto the right tensors; the growth schedule carries on from there.
+        A TopoModel must be the one the run started from (the same get_topo_model / head_only_topo_model call):
+        its grown layers are added to its adapter.
         """
         path = os.path.join(checkpoint, GROWTH_STATE_NAME)
         if not os.path.exists(path):
@@ -94,5 +123,6 @@ class TopoGrowthCallback(TrainerCallback):
         if trainer.optimizer is None:
             trainer.create_optimizer()
         rebuild(trainer.model, state, trainer.optimizer, self.config.param_group)
-        self.grower = Grower(trainer.model, self.config, self.loss_fn, trainer.optimizer)
+        self.grower = make_grower(trainer.model, self.config, self.loss_fn, trainer.optimizer)
         self.grower.load_state_dict(state)
+        self._restored = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ScoringConfig
+from ..config import ScoringConfig, check_real, check_whole
 from ..insertion import insert_layer
 from ..layers import detach, factory_kwargs
 from ..locate import find_positions
@@ -43,6 +44,13 @@ METHODS = {
 }
 WHERE = ("topological", "random", "last", "sensli")
 INIT = ("eigen", "random", "identity")
+
+
+def _is_count(value) -> bool:
+    """A whole number >= 1 (2.0 counts, 1.5, nan, True and "2" do not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return False
+    return int(value) == value and value >= 1
 
 
 @dataclass
@@ -85,6 +93,13 @@ class GrowthConfig:
     seed: int = field(default=0, metadata={"help": "Seed of random positions and initialisations."})
     scoring: Any = field(default=None, metadata={"help": "ScoringConfig (or dict) for scoring and insertion."})
     log_path: str | None = field(default=None, metadata={"help": "Write the growth log here as JSON."})
+    max_trainable: int | None = field(
+        default=None,
+        metadata={
+            "help": "Growing a TopoModel: never let its trainable parameters exceed this; a layer that would is given "
+            "fewer neurons when one or more still fit, else growth stops (a plain model: use max_params)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -96,28 +111,31 @@ class GrowthConfig:
         if self.schedule is not None:
             if len(self.schedule) == 0:
                 raise ValueError("schedule is empty: give the epochs per stage E(0), E(1), ... (each >= 1)")
-            if any(int(e) != e or e < 1 for e in self.schedule):
+            if not all(_is_count(e) for e in self.schedule):
                 raise ValueError(f"schedule entries must be whole numbers of epochs >= 1, got {self.schedule}")
             self.schedule = [int(e) for e in self.schedule]
         for name in ("patience", "max_insertions", "stop_patience", "calibration_batches", "max_params"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if self.max_depth is not None and self.max_depth < 0:
-            raise ValueError(f"max_depth must be >= 0 or None, got {self.max_depth}")
+            setattr(self, name, check_whole(name, getattr(self, name), 1, optional=True))
+        self.max_depth = check_whole("max_depth", self.max_depth, 0, optional=True)
+        self.param_group = check_whole("param_group", self.param_group, 0)
+        self.seed = check_whole("seed", self.seed, -(2**63))
         if self.method != "fixed":
             if self.schedule is None and self.patience is None:
                 raise ValueError("give schedule=[E0, E1, ...] (Proposed I) or patience=N (Proposed II) to decide when")
             if self.schedule is not None and self.patience is not None:
                 raise ValueError("give either schedule (Proposed I) or patience (Proposed II), not both")
         counts = self.neurons if isinstance(self.neurons, (list, tuple)) else [self.neurons]
-        if not counts or any(int(n) != n or n < 1 for n in counts):
+        if not counts or not all(_is_count(n) for n in counts):
             raise ValueError(f"neurons must be a whole number >= 1 or a non-empty list of them, got {self.neurons!r}")
         if isinstance(self.neurons, (list, tuple)):
             self.neurons = [int(n) for n in self.neurons]
-        if self.init_scale <= 0 or self.min_delta < 0:
-            raise ValueError("init_scale must be > 0 and min_delta >= 0")
+        self.init_scale = check_real(
+            "init_scale", self.init_scale, 0.0, strict=True,
+            why=" (the std of the 'random' initialisation: at 0 the new rows never get a gradient)",
+        )  # fmt: skip
+        self.min_delta = check_real("min_delta", self.min_delta, 0.0)
         self.scoring = ScoringConfig.from_any(self.scoring)
+        self.max_trainable = check_whole("max_trainable", self.max_trainable, 1, optional=True)
 
     def neurons_at(self, insertion: int) -> int:
         """Neurons of the layer inserted `insertion`-th (0-based) by a baseline initialisation."""
@@ -444,7 +462,10 @@ def grow(
     """
     if scheduler_interval not in ("epoch", "step"):
         raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
-    grower = Grower(model, growth_config, loss_fn, optimizer)  # grows the module inside a DDP wrapper
+    from .topo_model import make_grower  # imports this module
+
+    # Grows the module inside a DDP wrapper; a TopoModel's layers join its peft adapter.
+    grower = make_grower(model, growth_config, loss_fn, optimizer)
     history: list[dict] = []
     start_epoch, step = 0, 0
     if resume:

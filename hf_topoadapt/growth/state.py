@@ -70,8 +70,13 @@ def rebuild(
 ) -> nn.Module:
     """Inserts zero layers of the recorded shapes, in the recorded order, so the model's state dict
     matches a checkpoint of the grown model; with an optimizer built on the base model, appends their
-    parameters exactly as growth did, so the optimizer's saved state loads too."""
+    parameters exactly as growth did, so the optimizer's saved state loads too. A TopoModel's layers are
+    part of its peft adapter: `topo_model.rebuild_topo_model` adds them."""
     model = unwrap(model)
+    from .topo_model import is_topo_model, rebuild_topo_model  # imports this module
+
+    if is_topo_model(model):
+        return rebuild_topo_model(model, growth_state, optimizer, group)
     factory = factory_kwargs(model)
     for spec in growth_state.get("insertions", []):
         adapter = TopoAdapter(

@@ -8,6 +8,7 @@ This module knows modules and hooks but no model family: a tap is just (module, 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from .distributed import gather_rows, sum_across, world_size
 from .features import layout_of, token_pairs
 from .objective import LossFn, batch_loss
 from .operators import BlockOperator, DenseBlocks, TokenPairs, accumulate_blocks
+from .precision import autocast_off
 
 
 @dataclass(frozen=True)
@@ -102,38 +104,48 @@ class PairAccumulator:
     """Collects (z, p) for one tap across batches.
 
     mode "blocks" sums every Q block as it goes (exact; memory d_out * q^2 whatever the data size);
-    mode "pairs" keeps a uniform random subsample of at most `max_tokens` tokens (reservoir by random
-    keys), reweighted by (tokens seen) / (tokens kept) so the sum stays unbiased; mode "auto" picks
-    "blocks" when q <= exact_max_features or the blocks hold at most exact_max_entries numbers, once the first
-    state shows q and d_out.
+    mode "pairs" keeps every token while they fit `max_bytes` (and `max_tokens`, when given), beyond that a
+    uniform random subsample (reservoir by random keys), reweighted by (tokens with a non-zero adjoint) /
+    (tokens kept) so the sum stays unbiased; mode "auto" picks "blocks" when q <= exact_max_features or the
+    blocks hold at most exact_max_entries numbers, once the first state shows q and d_out.
+
+    Nothing here waits for the device: tokens whose adjoint is zero (nothing downstream reads them) are
+    counted and dropped once, in `operator`, and until then carry a key that loses every reservoir draw.
     """
 
     def __init__(
         self,
         mode: str,
         curvature: float,
-        max_tokens: int,
+        max_tokens: int | None,
         kernel_size: int,
         dtype,
-        generator,
+        generator: torch.Generator | None,
         exact_max_features: int = 128,
         exact_max_entries: int = 0,
+        max_bytes: int | None = None,
     ):
         if mode not in ("auto", "blocks", "pairs"):
             raise ValueError(f"mode must be 'auto', 'blocks' or 'pairs', got {mode!r}")
-        self.mode, self.curvature, self.max_tokens = mode, curvature, max_tokens
+        self.mode, self.curvature, self.max_tokens, self.max_bytes = mode, curvature, max_tokens, max_bytes
         self.exact_max_features, self.exact_max_entries = exact_max_features, exact_max_entries
         self.kernel_size, self.dtype, self.generator = kernel_size, dtype, generator
         self.blocks: torch.Tensor | None = None
-        self.z: torch.Tensor | None = None
-        self.p: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (z, p, keys) per batch
+        self.held = 0  # rows in chunks, zero-adjoint tokens included
+        self.cap: int | None = None  # tokens a "pairs" position may hold: max_tokens and max_bytes together
+        self.nonzero_count: torch.Tensor | None = None  # on the device: read once, in `operator`
         self.tokens_seen = 0
-        self.candidates = 0  # tokens with a non-zero adjoint, the population the reservoir samples
         self.layout: str | None = None
         self.width: int | None = None
+        self._result: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (z, p, candidates) once compacted
+        self._scaled_by = 1  # the compacted p is divided by the number of batches once `operator` is called
 
     def add(self, state: torch.Tensor, adjoint: torch.Tensor) -> None:
+        with autocast_off():
+            self._add(state, adjoint)
+
+    def _add(self, state: torch.Tensor, adjoint: torch.Tensor) -> None:
         self.layout = layout_of(state)
         self.width = state.shape[1] if self.layout == "channels" else state.shape[-1]
         z, p = token_pairs(state, adjoint, self.kernel_size, self.dtype)
@@ -142,41 +154,84 @@ class PairAccumulator:
             small = q <= self.exact_max_features or d_out * q * q <= self.exact_max_entries
             self.mode = "blocks" if small else "pairs"
         self.tokens_seen += z.shape[0]
+        self._result, self._scaled_by = None, 1
         nonzero = p.abs().amax(dim=1) > 0  # tokens the loss does not depend on add nothing to Q
-        z, p = z[nonzero], p[nonzero]
-        self.candidates += z.shape[0]
-        if self.mode == "blocks":
+        count = nonzero.sum()
+        self.nonzero_count = count if self.nonzero_count is None else self.nonzero_count + count
+        if self.mode == "blocks":  # zero-adjoint tokens add exact zeros to the sums
             update = accumulate_blocks(z, p, self.curvature)
             self.blocks = update if self.blocks is None else self.blocks.add_(update)
             return
-        keys = torch.rand(z.shape[0], generator=self.generator, dtype=torch.float64)
-        if self.z is not None:
-            z, p, keys = torch.cat([self.z, z]), torch.cat([self.p, p]), torch.cat([self.keys, keys])
-        self._keep_smallest_keys(z, p, keys)
+        if self.cap is None:
+            self.cap = token_cap(self.max_tokens, self.max_bytes, z.shape[1] + p.shape[1], z.element_size())
+        keys = torch.rand(z.shape[0], generator=self._generator(z.device), device=z.device, dtype=torch.float64)
+        keys = torch.where(nonzero, keys, ZERO_ADJOINT_KEY)
+        self.chunks.append((z, p, keys))
+        self.held += z.shape[0]
+        if self.held > self.cap:
+            self._keep_smallest_keys()
 
-    def _keep_smallest_keys(self, z: torch.Tensor, p: torch.Tensor, keys: torch.Tensor) -> None:
-        """The reservoir: the max_tokens tokens with the smallest random keys, a uniform sample of all."""
-        if z.shape[0] > self.max_tokens:
-            keep = torch.topk(keys, self.max_tokens, largest=False).indices
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        """The accumulator's generator, moved once to the device of the states (draws stay on the device)."""
+        if self.generator is not None and self.generator.device != device:
+            self.generator = torch.Generator(device).manual_seed(self.generator.initial_seed())
+        return self.generator
+
+    def _keep_smallest_keys(self) -> None:
+        """The reservoir: the `cap` tokens with the smallest random keys, a uniform sample of those with a non-zero
+        adjoint (the zero-adjoint ones have the largest key)."""
+        z, p, keys = (torch.cat(parts) for parts in zip(*self.chunks, strict=True))
+        if z.shape[0] > self.cap:
+            keep = torch.topk(keys, self.cap, largest=False).indices
             z, p, keys = z[keep], p[keep], keys[keep]
-        self.z, self.p, self.keys = z, p, keys
+        self.chunks, self.held = [(z, p, keys)], z.shape[0]
+
+    def _compacted(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Kept pairs without the zero-adjoint tokens, and the number of tokens with a non-zero adjoint seen."""
+        if self._result is None:
+            if self.mode == "blocks" or not self.chunks:
+                candidates = 0 if self.nonzero_count is None else int(self.nonzero_count)
+                self._result = (None, None, candidates)
+            else:
+                self._keep_smallest_keys()
+                z, p, keys = self.chunks[0]
+                keep = keys < ZERO_ADJOINT_KEY
+                candidates = int(self.nonzero_count)
+                self._result = (z[keep], p[keep], candidates)  # one device round trip for both
+        return self._result
+
+    @property
+    def z(self) -> torch.Tensor | None:
+        return self._compacted()[0]
+
+    @property
+    def p(self) -> torch.Tensor | None:
+        """The kept adjoints (divided by the number of batches once `operator` was called)."""
+        return self._compacted()[1]
+
+    @property
+    def candidates(self) -> int:
+        """Tokens with a non-zero adjoint, the population the reservoir samples."""
+        return self._compacted()[2]
 
     @property
     def tokens_used(self) -> int:
-        if self.mode == "blocks":
-            return self.candidates
-        return 0 if self.z is None else self.z.shape[0]
+        z, _, candidates = self._compacted()
+        return candidates if self.mode == "blocks" else (0 if z is None else z.shape[0])
 
     def combine_across_processes(self) -> None:
         """Makes every rank hold the sums (or the token subsample) of all ranks' batches."""
         if world_size() == 1:
             return
         self.tokens_seen = sum_across(self.tokens_seen)
-        self.candidates = sum_across(self.candidates)
+        self.nonzero_count = sum_across(self.nonzero_count)
+        self._result, self._scaled_by = None, 1
         if self.mode == "blocks":
             self.blocks = sum_across(self.blocks)
             return
-        self._keep_smallest_keys(*gather_rows(self.z, self.p, self.keys))
+        self._keep_smallest_keys()
+        self.chunks = [gather_rows(*self.chunks[0])]
+        self._keep_smallest_keys()
 
     def operator(self, num_batches: int) -> BlockOperator:
         """Q for J = mean over batches: the per-batch adjoints are divided by the number of batches."""
@@ -184,10 +239,25 @@ class PairAccumulator:
             if self.blocks is None:
                 raise RuntimeError("no tokens were captured at this position")
             return DenseBlocks(self.blocks / num_batches)
-        if self.z is None:
+        z, p, candidates = self._compacted()
+        if z is None or z.shape[0] == 0:
             raise RuntimeError("no tokens with a non-zero adjoint were captured at this position")
-        weight = self.candidates / max(1, self.z.shape[0])
-        return TokenPairs(self.z, self.p / num_batches, self.curvature, weight)
+        if self._scaled_by != num_batches:  # in place: a second copy of every adjoint would double the memory
+            p.mul_(self._scaled_by / num_batches)
+            self._scaled_by = num_batches
+        return TokenPairs(z, p, self.curvature, candidates / z.shape[0])
+
+
+ZERO_ADJOINT_KEY = 2.0  # above every uniform key in [0, 1): a zero-adjoint token is the first to leave the reservoir
+
+
+def token_cap(max_tokens: int | None, max_bytes: int | None, features: int, itemsize: int) -> int:
+    """Tokens a position may hold: the explicit cap, and what fits `max_bytes` at (q + d_out) numbers plus a
+    float64 key per token; every token when neither is set."""
+    caps = [max_tokens] if max_tokens is not None else []
+    if max_bytes is not None:
+        caps.append(max(1, max_bytes // (features * itemsize + 8)))
+    return min(caps) if caps else sys.maxsize
 
 
 def capture(
@@ -197,9 +267,14 @@ def capture(
     loss_fn: LossFn | None,
     accumulators: list[PairAccumulator],
     progress: bool = False,
-) -> None:
-    """Runs every batch once forward and once backward and feeds each tap's (h, p) to its accumulator."""
+) -> torch.Tensor:
+    """Runs every batch once forward and once backward and feeds each tap's (h, p) to its accumulator.
+
+    Returns the sum of the batch losses (float64, on the model's device): J at no extra cost, for the line
+    search that follows an insertion.
+    """
     states: list[list[torch.Tensor]] = [[] for _ in taps]
+    total = torch.zeros((), dtype=torch.float64)
 
     def recorder(i: int):
         def record(state: torch.Tensor) -> torch.Tensor:
@@ -225,6 +300,7 @@ def capture(
                         "this model's forward; name the block list explicitly"
                     )
                 grads = torch.autograd.grad(loss, flat, allow_unused=True)
+            total = total.to(loss.device) + loss.detach().double()
             k = 0
             for i, recorded in enumerate(states):
                 for state in recorded:
@@ -235,3 +311,4 @@ def capture(
             del loss, flat, grads
         for recorded in states:
             recorded.clear()
+    return total

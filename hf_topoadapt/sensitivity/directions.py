@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .operators import BlockOperator
+from .precision import full_precision
 from .solvers import Spectrum
 
 
@@ -30,32 +31,34 @@ class Directions:
     @property
     def rows(self) -> list[int]:
         """The output neuron of each neuron (its column's axis); meaningful for coordinate directions."""
-        return torch.nonzero(self.up.T)[:, 1].tolist()
+        return self.up.abs().argmax(dim=0).tolist()
 
     @property
     def value(self) -> float:
         """phi^T Q phi of the whole initialisation: the loss falls by (eps^2 / 2) * value to second order."""
-        return float(self.values.sum())
+        return self.values.sum().tolist()
 
 
 def kept_eigenpairs(spectrum: Spectrum, eps_s: float, max_neurons: int | None) -> torch.Tensor:
     """Indices into the spectrum of the eigenpairs with lambda_i >= (1 - eps_s) * lambda_1 and lambda_i > 0, in
-    descending order, skipping those that would need a neuron (output row) beyond the first max_neurons."""
-    top = spectrum.top
-    if top <= 0:
-        return torch.zeros(0, dtype=torch.long, device=spectrum.eigenvalues.device)
-    candidates = torch.nonzero((spectrum.eigenvalues >= (1.0 - eps_s) * top) & (spectrum.eigenvalues > 0)).flatten()
-    rows_seen: set[int] = set()
-    kept = []
-    for index in candidates.tolist():
-        row = int(spectrum.rows[index])
-        if row not in rows_seen and max_neurons is not None and len(rows_seen) >= max_neurons:
-            continue
-        rows_seen.add(row)
-        kept.append(index)
+    descending order, skipping those that would need a neuron (output row) beyond the first max_neurons.
+
+    Bookkeeping on a few dozen numbers, done on host lists (one read of the spectrum, no device round trips)."""
+    values, rows = spectrum.eigenvalues.tolist(), spectrum.rows.tolist()
+    kept: list[int] = []
+    if values and values[0] > 0:
+        rows_seen: set[int] = set()
+        for index, (value, row) in enumerate(zip(values, rows, strict=True)):
+            if not (value >= (1.0 - eps_s) * values[0] and value > 0):
+                continue
+            if row not in rows_seen and max_neurons is not None and len(rows_seen) >= max_neurons:
+                continue
+            rows_seen.add(row)
+            kept.append(index)
     return torch.tensor(kept, dtype=torch.long, device=spectrum.eigenvalues.device)
 
 
+@full_precision
 def coordinate_directions(
     spectrum: Spectrum, num_outputs: int, eps_s: float = 0.5, max_neurons: int | None = None
 ) -> Directions:
@@ -70,10 +73,11 @@ def coordinate_directions(
         )
     # Rows in order of first appearance in the descending spectrum, so neuron 0 is the strongest.
     row_of_neuron: dict[int, int] = {}
-    for r in spectrum.rows[kept].tolist():
+    kept_rows = spectrum.rows[kept].tolist()
+    for r in kept_rows:
         row_of_neuron.setdefault(r, len(row_of_neuron))
     device = spectrum.vectors.device
-    neuron = torch.tensor([row_of_neuron[r] for r in spectrum.rows[kept].tolist()], device=device)
+    neuron = torch.tensor([row_of_neuron[r] for r in kept_rows], device=device)
     m, q = len(row_of_neuron), spectrum.vectors.shape[1]
     down = spectrum.vectors.new_zeros(m, q).index_add_(0, neuron, spectrum.vectors[kept])
     values = spectrum.eigenvalues.new_zeros(m).index_add_(0, neuron, spectrum.eigenvalues[kept])
@@ -82,6 +86,8 @@ def coordinate_directions(
     return Directions(down, up, values, "coordinate")
 
 
+@full_precision
+@torch.no_grad()
 def optimized_directions(
     operator: BlockOperator,
     spectrum: Spectrum,
@@ -96,16 +102,15 @@ def optimized_directions(
     (w^T Q^(r) w)_r). Each step cannot lower F, so the result is >= the best axis value.
     """
     d_out, q = operator.num_outputs, operator.num_features
-    start_rows = []
-    for r in spectrum.rows.tolist():
-        if r not in start_rows:
-            start_rows.append(r)
+    vectors = spectrum.vectors.to(operator.device)  # the spectrum lives on the host, the operator maybe not
+    spectrum_rows = spectrum.rows.tolist()
+    start_rows = list(dict.fromkeys(spectrum_rows))
     ups, downs, values = [], [], []
     for j in range(num_neurons):
-        u = spectrum.vectors.new_zeros(d_out)
+        u = vectors.new_zeros(d_out)
         if j < len(start_rows):
             u[start_rows[j]] = 1.0
-            w = spectrum.vectors[spectrum.rows.tolist().index(start_rows[j])].clone()
+            w = vectors[spectrum_rows.index(start_rows[j])].clone()
         else:
             u = torch.randn(d_out, dtype=u.dtype).to(u.device)
             w = torch.randn(q, dtype=u.dtype).to(u.device)
@@ -118,8 +123,10 @@ def optimized_directions(
             if not torch.isfinite(u_new).all():
                 break
             mixture = operator.mixture(u_new)
-            eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (mixture + mixture.T))
-            new_value, w_new = float(eigenvalues[-1]), eigenvectors[:, -1]
+            top = _top_eigenpair(0.5 * (mixture + mixture.T))
+            if top is None:  # LAPACK gave up even in float64: keep the best pair found so far
+                break
+            new_value, w_new = top
             if new_value <= value + tol * max(1.0, abs(value)):
                 if new_value > value:
                     u, w, value = u_new, w_new, new_value
@@ -131,12 +138,38 @@ def optimized_directions(
     return Directions(
         torch.stack(downs),
         torch.stack(ups, dim=1),
-        torch.tensor(values, dtype=spectrum.vectors.dtype, device=spectrum.vectors.device),
+        torch.tensor(values, dtype=vectors.dtype, device=vectors.device),
         "optimized",
     )
 
 
+def _top_eigenpair(matrix: torch.Tensor) -> tuple[float, torch.Tensor] | None:
+    """Largest eigenvalue and its vector of a symmetric matrix; LAPACK's eigh can fail to converge on a wide,
+    badly scaled float32 matrix (a 3x3 conv over hundreds of channels), so it is retried in float64."""
+    for dtype in (matrix.dtype, torch.float64):
+        try:
+            values, vectors = torch.linalg.eigh(matrix.to(dtype))
+        except torch.linalg.LinAlgError:
+            continue
+        return float(values[-1]), vectors[:, -1].to(matrix.dtype)
+    return None
+
+
 def _orthogonalise(vector: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
-    for b in basis:
-        vector = vector - (vector @ b) * b
+    """The unit vector along `vector` minus its components along the orthonormal `basis`: Gram-Schmidt twice, which
+    keeps it orthogonal to rounding also when `vector` lies almost in the basis' span (few tokens, many neurons).
+
+    When nothing of `vector` is left (it lies in the span: all the tokens' adjoints are used up), the axis least
+    covered by the basis is used instead, so the new column is still orthogonal to the others."""
+    scale = vector.norm()
+    for _ in range(2):
+        for b in basis:
+            vector = vector - (vector @ b) * b
+    if basis and vector.norm() <= 1e-6 * scale:
+        covered = torch.stack(basis).pow(2).sum(dim=0)  # squared length of each axis inside the span
+        vector = torch.zeros_like(vector)
+        vector[int(torch.argmin(covered))] = 1.0
+        for _ in range(2):
+            for b in basis:
+                vector = vector - (vector @ b) * b
     return vector / vector.norm()

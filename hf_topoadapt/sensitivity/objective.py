@@ -112,15 +112,23 @@ def batch_loss(model: nn.Module, batch, loss_fn: LossFn | None, index: int = 0) 
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, batches: list, loss_fn: LossFn | None, nonfinite_ok: bool = False) -> float:
+def mean_loss(
+    model: nn.Module,
+    batches: list,
+    loss_fn: LossFn | None,
+    nonfinite_ok: bool = False,
+    before_batch: Callable[[int], None] | None = None,
+) -> float:
     """J: the average of the batch losses, every batch with equal weight.
 
     With nonfinite_ok, a NaN or infinite batch loss gives J = inf instead of an error (a trial step of a line
-    search that overflowed is a bad step, not bad data).
+    search that overflowed is a bad step, not bad data). `before_batch(i)` is called before batch i runs.
     """
     total = 0.0
     with fail_together():
         for i, batch in enumerate(batches):
+            if before_batch is not None:
+                before_batch(i)
             try:
                 total += float(batch_loss(model, batch, loss_fn, i))
             except NonFiniteLossError:

@@ -14,10 +14,16 @@ from collections.abc import Iterator
 
 import torch
 
+from .precision import full_precision
+
 
 class BlockOperator:
     num_outputs: int
     num_features: int
+
+    def token_subsample(self, count: int | None, generator: torch.Generator | None = None) -> BlockOperator:
+        """An estimate of the operator from a token subsample (for ranking blocks cheaply); itself by default."""
+        return self
 
     def apply(self, vectors: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Q^(r) v_r for each r in rows (all rows when None); vectors has shape (len(rows), q)."""
@@ -144,6 +150,18 @@ class TokenPairs(BlockOperator):
         restricted.scale = self.scale
         return restricted
 
+    def token_subsample(self, count: int | None, generator: torch.Generator | None = None) -> TokenPairs:
+        """A uniform sample of `count` tokens (without replacement), reweighted to estimate the same sum; the
+        operator itself when it holds at most `count` tokens."""
+        n = self.z.shape[0]
+        if count is None or n <= count:
+            return self
+        device = generator.device if generator is not None else self.z.device
+        chosen = torch.randperm(n, generator=generator, device=device)[:count].to(self.z.device)
+        sample = TokenPairs(self.z[chosen], self.p[chosen], 1.0)
+        sample.scale = self.scale * n / count
+        return sample
+
 
 @contextlib.contextmanager
 def single_thread(tensor: torch.Tensor, work: float = 0.0, limit: float = 2**28) -> Iterator[None]:
@@ -165,6 +183,7 @@ def single_thread(tensor: torch.Tensor, work: float = 0.0, limit: float = 2**28)
         torch.set_num_threads(threads)
 
 
+@full_precision
 def accumulate_blocks(z: torch.Tensor, p: torch.Tensor, curvature: float) -> torch.Tensor:
     """c * sum_n p[n, r] z_n z_n^T for every r, as a (d_out, q, q) tensor of exactly symmetric blocks.
 
@@ -190,8 +209,11 @@ def accumulate_blocks(z: torch.Tensor, p: torch.Tensor, curvature: float) -> tor
             for start in range(0, n, chunk):
                 part = z[start : start + chunk].T.contiguous()  # (q, m)
                 block = products[:, : part.shape[1]]
-                for i in range(q):  # rows offsets[i]..: z[i] * z[j] for j >= i
-                    torch.mul(part[i : i + 1], part[i:], out=block[offsets[i] : offsets[i + 1]])
+                if z.device.type == "cpu":  # rows offsets[i]..: z[i] * z[j] for j >= i, in cache
+                    for i in range(q):
+                        torch.mul(part[i : i + 1], part[i:], out=block[offsets[i] : offsets[i + 1]])
+                else:  # two gathers and one product instead of q launches (same (i, j) order as triu_indices)
+                    torch.mul(part[rows], part[cols], out=block)
                 upper.addmm_(p[start : start + chunk, first : first + row_chunk].T, block.T)
             upper.mul_(curvature)
             out[first : first + row_chunk, rows, cols] = upper
