@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from cli_helpers import one_line_error, table_rows
 
 from hf_topoadapt import ScoringConfig, score_positions
 from hf_topoadapt.cli import load_classifier, main, make_batches
@@ -57,39 +58,16 @@ def tiny_llama(tmp_path_factory):
     return _save_tiny(tmp_path_factory.mktemp("tiny_llama"), transformers.LlamaForSequenceClassification, config)
 
 
-def _table_rows(stdout: str) -> list[list[str]]:
-    lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "position"]) + 2
-    rows = []
-    for line in lines[start:]:
-        if not line.strip() or not line.split()[0].isdigit():
-            break
-        rows.append(line.split())
-    return rows
-
-
-def _one_line_error(capsys, code: int, *needles: str) -> str:
-    out = capsys.readouterr()
-    assert code == 2
-    lines = [line for line in out.err.splitlines() if line.strip()]
-    assert len(lines) == 1, out.err
-    assert lines[0].startswith("hf-topoadapt: error: ")
-    assert "Traceback" not in out.err
-    for needle in needles:
-        assert needle in lines[0]
-    return lines[0]
-
-
 def test_score_prints_ranked_table_and_writes_files(tiny_bert, tmp_path, capsys):
     out_dir = tmp_path / "score"
     code = main(["score", "--model", tiny_bert, "--output-dir", str(out_dir), "--batch-size", "32"])
     stdout = capsys.readouterr().out
     assert code == 0
 
-    rows = _table_rows(stdout)
-    names = ["embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1"]
+    rows = table_rows(stdout)
+    names = ["embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1", "head_input"]  # + the classifier input
     assert sorted(row[1] for row in rows) == sorted(names)
-    assert [int(row[0]) for row in rows] == [1, 2, 3]
+    assert [int(row[0]) for row in rows] == [1, 2, 3, 4]
     eigenvalues = [float(row[3]) for row in rows]
     assert eigenvalues == sorted(eigenvalues, reverse=True)
     assert rows[0][-2:] == ["<-", "best"] and all("best" not in row for row in rows[1:])
@@ -103,8 +81,9 @@ def test_score_prints_ranked_table_and_writes_files(tiny_bert, tmp_path, capsys)
     assert payload["label_names"] == ["sports", "cooking", "technology", "weather"]
     assert payload["fresh_head"] is False  # the saved head already has 4 labels
     assert payload["config"]["solver"] == "auto"
+    assert payload["task"] == "text-classification" and payload["max_length"] == 64
     assert [score["name"] for score in payload["scores"]] == names  # depth order
-    assert [score["index"] for score in payload["scores"]] == [0, 1, 2]
+    assert [score["index"] for score in payload["scores"]] == [0, 1, 2, 3]
     assert payload["best"] == max(payload["scores"], key=lambda s: s["eigenvalue"])["name"] == rows[0][1]
     for score in payload["scores"]:
         assert score["width"] == 32 and score["num_features"] == 33 and score["solver"] == "exact"
@@ -123,7 +102,7 @@ def test_score_prints_ranked_table_and_writes_files(tiny_bert, tmp_path, capsys)
     markdown = (out_dir / "scores.md").read_text()
     assert "| rank | position | depth | eigenvalue | neurons | tokens | solver |" in markdown
     assert f"| 1 | `{rows[0][1]}` **best** |" in markdown
-    assert markdown.count("\n| ") == 1 + 3  # header + one row per position
+    assert markdown.count("\n| ") == 1 + 4  # header + one row per position
     png = (out_dir / "scores.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -153,7 +132,7 @@ def test_llama_classifier_without_token_type_ids(tiny_llama, tmp_path, capsys):
     code = main(["score", "--model", tiny_llama, "--solver", "lanczos", "--output-dir", str(tmp_path)])
     stdout = capsys.readouterr().out
     assert code == 0
-    rows = _table_rows(stdout)
+    rows = table_rows(stdout)
     assert sorted(row[1] for row in rows) == ["embeddings", "model.layers.0", "model.layers.1"]
     assert all(row[6] == "lanczos" for row in rows)
 
@@ -161,7 +140,7 @@ def test_llama_classifier_without_token_type_ids(tiny_llama, tmp_path, capsys):
 def test_missing_text_file_is_one_line_exit_2(tiny_bert, tmp_path, capsys):
     missing = tmp_path / "nope.tsv"
     code = main(["score", "--model", tiny_bert, "--text-file", str(missing), "--output-dir", str(tmp_path)])
-    _one_line_error(capsys, code, "nope.tsv", "does not exist")
+    one_line_error(capsys, code, "nope.tsv", "does not exist")
     assert not (tmp_path / "scores.json").exists()
 
 
@@ -177,27 +156,27 @@ def test_bad_text_file_is_one_line_exit_2(tiny_bert, tmp_path, capsys, content, 
     path = tmp_path / "data.tsv"
     path.write_text(content)
     code = main(["score", "--model", tiny_bert, "--text-file", str(path)])
-    _one_line_error(capsys, code, needle)
+    one_line_error(capsys, code, needle)
 
 
 def test_too_few_labels_is_one_line_exit_2(tiny_bert, capsys):
     code = main(["score", "--model", tiny_bert, "--num-labels", "2"])
-    _one_line_error(capsys, code, "--num-labels 2 is too small", "4 classes")
+    one_line_error(capsys, code, "--num-labels 2 is too small", "4 classes")
     code = main(["score", "--model", tiny_bert, "--num-labels", "1"])
-    _one_line_error(capsys, code, "at least 2")
+    one_line_error(capsys, code, "at least 2")
 
 
 def test_unknown_model_is_one_line_exit_2(tmp_path, capsys):
     code = main(["score", "--model", str(tmp_path / "no_such_model")])
-    _one_line_error(capsys, code, "no_such_model", "no such directory")
+    one_line_error(capsys, code, "no_such_model", "no such directory")
     empty = tmp_path / "empty"
     empty.mkdir()
     code = main(["score", "--model", str(empty)])
-    _one_line_error(capsys, code, "has no config.json")
+    one_line_error(capsys, code, "has no config.json")
     afile = tmp_path / "weights.bin"
     afile.write_bytes(b"")
     code = main(["score", "--model", str(afile)])
-    _one_line_error(capsys, code, "is a file")
+    one_line_error(capsys, code, "is a file")
 
 
 def test_model_without_tokenizer_is_one_line_exit_2(tmp_path, capsys):
@@ -207,13 +186,13 @@ def test_model_without_tokenizer_is_one_line_exit_2(tmp_path, capsys):
     transformers.BertForSequenceClassification(config).save_pretrained(tmp_path)
     capsys.readouterr()  # save_pretrained's progress bar
     code = main(["score", "--model", str(tmp_path)])
-    _one_line_error(capsys, code, "holds no tokenizer files")
+    one_line_error(capsys, code, "holds no tokenizer files")
 
 
 @pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="a hub lookup takes 25-50 s to fail online")
 def test_unknown_hub_id_is_one_line_exit_2(capsys):
     code = main(["score", "--model", "no-such-org/no-such-model-hf-topoadapt"])
-    _one_line_error(capsys, code, "cannot load model", "not found on the Hugging Face Hub", "HF_HUB_OFFLINE=1")
+    one_line_error(capsys, code, "cannot load model", "not found on the Hugging Face Hub", "HF_HUB_OFFLINE=1")
 
 
 def test_usage_errors_and_entry_points(capsys):
@@ -231,7 +210,19 @@ def test_usage_errors_and_entry_points(capsys):
         [sys.executable, "-m", "hf_topoadapt", "score", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0
-    for option in ("--model", "--text-file", "--num-labels", "--max-length", "--batch-size", "--output-dir"):
+    for option in (
+        "--model",
+        "--text-file",
+        "--num-labels",
+        "--max-length",
+        "--batch-size",
+        "--output-dir",
+        "--image-dataset",
+        "--lm-text-file",
+        "--split",
+        "--line-by-line",
+        "--max-examples",
+    ):
         assert option in result.stdout
     assert "--solver {auto,exact,lanczos}" in result.stdout
     assert "--solver {auto,exact,lanczos}" in result.stdout
@@ -243,8 +234,9 @@ def test_real_minilm_end_to_end(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert code == 0
     assert "all-MiniLM-L6-v2" in stdout and "freshly initialised" in stdout
-    rows = _table_rows(stdout)
-    assert sorted(row[1] for row in rows) == sorted(["embeddings"] + [f"bert.encoder.layer.{i}" for i in range(6)])
+    rows = table_rows(stdout)
+    layers = [f"bert.encoder.layer.{i}" for i in range(6)]
+    assert sorted(row[1] for row in rows) == sorted(["embeddings", *layers, "head_input"])
     assert all(float(row[3]) > 0 and row[6] == "lanczos" for row in rows)  # hidden 384 > exact_max_features
     payload = json.loads((tmp_path / "scores.json").read_text())
     assert payload["model_class"] == "BertForSequenceClassification" and payload["fresh_head"] is True
@@ -264,6 +256,8 @@ def test_adapt_saves_a_loadable_adapter(tiny_bert, tmp_path, capsys):
     saved = json.loads((out_dir / "adapter_config.json").read_text())
     assert saved["peft_type"] == "TOPO" and 1 <= len(saved["target_modules"]) <= 2
     assert saved["modules_to_save"] == ["classifier"]
+    assert saved["task_type"] == "SEQ_CLS"  # peft.PeftModel.from_pretrained then builds a sequence classifier
+    assert (out_dir / "tokenizer.json").is_file()
 
     # The saved adapter loads onto the same base and reproduces the adapted model's report and positions.
     base, tokenizer, _ = load_classifier(tiny_bert, NUM_LABELS, 0)
