@@ -5,16 +5,16 @@
     python benchmarks/transfer.py                            # full: every method, 5 seeds (resumable)
     python benchmarks/transfer.py --recipe effnet_mnist      # one recipe
 
-Recipes: minilm_topics (all-MiniLM-L6-v2 on chatterbot topics; 8, 16, 32 per class), effnet_mnist (ImageNet
+Recipes: minilm_topics (all-MiniLM-L6-v2 on chatterbot topics; 8, 16 per class), effnet_mnist (ImageNet
 EfficientNet-Lite0 on MNIST; 10, 50 per class), vit_digits (a small ViT pretrained on digits 0-4, transferred
 to 5-9; 10, 50 per class).
 
 Writes, per recipe, <output-dir>/transfer_<recipe>[_quick].{md,json,png} (mean ± std accuracy over seeds, trainable
 parameters and the gap to the matched budget, train seconds per epoch, setup seconds, inference seconds per
 batch, and accuracy against training-set size), and a combined <output-dir>/transfer[_quick].md with one section
-per recipe. Every finished (method, size, seed) run is appended to <output-dir>/transfer_<recipe>[_quick]_runs.jsonl
-as soon as it ends, and a rerun skips the runs already there, so a full run can be split across sessions
-(`--fresh` starts over).
+per recipe, and (full runs) the recipe's model card model_cards/<recipe>.md. Every finished (method, size, seed) run
+is appended to <output-dir>/transfer_<recipe>[_quick]_runs.jsonl as soon as it ends, and a rerun skips the runs
+already there, so a full run can be split across sessions (`--fresh` starts over).
 """
 
 from __future__ import annotations
@@ -30,12 +30,16 @@ sys.path.insert(0, ROOT)
 for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(name, "1")
 
-from recipes.common import METHODS, markdown_table, write_results  # noqa: E402
+from recipes.cards import write_recipe_card  # noqa: E402
+from recipes.cli import method_name  # noqa: E402
+from recipes.methods import METHODS  # noqa: E402
+from recipes.results import markdown_table, write_results  # noqa: E402
 
 RECIPES = ("minilm_topics", "effnet_mnist", "vit_digits")
-SIZES = {"minilm_topics": [8, 16, 32], "effnet_mnist": [10, 50], "vit_digits": [10, 50]}
+SIZES = {"minilm_topics": [8, 16], "effnet_mnist": [10, 50], "vit_digits": [10, 50]}
 FULL = {"seeds": [0, 1, 2, 3, 4], "methods": list(METHODS), "test_per_class": 100}
 QUICK = {"seeds": [0], "methods": ["head", "lora", "topo"], "test_per_class": 20}
+CARDS = os.path.join(ROOT, "model_cards")
 TOPO_ADAPTERS = ("topo", "topo_optimized")
 LR_GRIDS = {
     "minilm_topics": "best of a grid on seed 0, 8 per class: transfer_lr_grid.md",
@@ -62,6 +66,7 @@ def recipe_argv(recipe: str, plan: dict, args: argparse.Namespace, runs_file: st
     argv = ["--per-class", *map(str, plan["per_class"]), "--seeds", *map(str, plan["seeds"])]
     argv += ["--methods", *plan["methods"], "--test-per-class", str(plan["test_per_class"])]
     argv += ["--output-dir", args.output_dir, "--runs-file", runs_file, "--resume", "--threads", str(args.threads)]
+    argv += ["--no-progress"] if args.no_progress else []
     if args.epochs is not None:
         argv += ["--epochs", str(args.epochs)]
     if args.device:
@@ -96,7 +101,7 @@ def main(argv=None) -> dict[str, list[dict]]:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--per-class", type=int, nargs="+", help="override the sizes (every chosen recipe)")
     parser.add_argument("--seeds", type=int, nargs="+")
-    parser.add_argument("--methods", nargs="+", choices=METHODS)
+    parser.add_argument("--methods", nargs="+", type=method_name)
     parser.add_argument("--epochs", type=int, help="override each recipe's epochs (the same for every method)")
     parser.add_argument("--test-per-class", type=int)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default min(2, cores))")
@@ -104,6 +109,7 @@ def main(argv=None) -> dict[str, list[dict]]:
     parser.add_argument("--cache-dir", default=None, help="vit_digits: where the pretrained ViT is cached")
     parser.add_argument("--fresh", action="store_true", help="ignore (delete) the runs files of the chosen recipes")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     args.threads = args.threads or min(2, os.cpu_count() or 1)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -125,9 +131,8 @@ def main(argv=None) -> dict[str, list[dict]]:
         module = recipe_module(recipe)
         print(f"\n=== {recipe}: sizes {plan['per_class']}, seeds {plan['seeds']}, methods {plan['methods']}")
         start = time.perf_counter()
-        results, settings = module.run(module.parse_args(recipe_argv(recipe, plan, args, runs_file)))
+        results, settings, saver = module.run(module.parse_args(recipe_argv(recipe, plan, args, runs_file)))
         walls[recipe] = time.perf_counter() - start
-        settings.pop("saver", None)
         settings = {"recipe": DESCRIPTIONS[recipe], **settings, "wall_seconds_this_session": round(walls[recipe], 1)}
         settings["runs_file"] = os.path.relpath(runs_file, args.output_dir)
         settings["lr_choice"] = LR_GRIDS[recipe]
@@ -135,6 +140,9 @@ def main(argv=None) -> dict[str, list[dict]]:
             results, stem, f"Transfer: {recipe}{' (quick)' if args.quick else ''}", settings
         )
         print(open(f"{stem}.md").read())
+        if not args.quick:  # the recipe's card carries the full run's measured results
+            card = write_recipe_card(os.path.join(CARDS, f"{recipe}.md"), saver, summaries[recipe], settings, recipe)
+            print(f"model card: {card}")
 
     for recipe in RECIPES:  # recipes not run this time keep their last results in the combined file
         stem = os.path.join(args.output_dir, f"transfer_{recipe}{suffix}.json")

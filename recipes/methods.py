@@ -1,0 +1,315 @@
+"""The fine-tuning methods the recipes compare, each built on a freshly loaded pretrained classifier: head-only,
+full fine-tuning, LoRA and AdaLoRA through peft, and topo adapters through hf_topoadapt with its ablations, the
+matched methods at the same trainable budget."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from .budget import Budget, count_trainable, head_name
+from .training import AdaLoraAllocation
+
+# The levers of issue 9, each an option of the library: a head warm-up before scoring, cross-fitted scores, the
+# classifier's input as a candidate position, neurons allocated by value per parameter within the budget.
+WARMUP_STEPS = 100  # on the captured head inputs: about as cheap as one forward pass over the calibration data
+LEVERS: dict[str, dict] = {
+    "warmup": {"head_warmup_steps": WARMUP_STEPS},
+    "crossfit": {"crossfit": True},
+    "head_input": {"include_head": True},
+    "budget": {"neuron_budget": True},  # the recipe's matched budget minus the head
+}
+# The default combination, chosen on validation (benchmarks/results/transfer_levers.md).
+DEFAULT_LEVERS: tuple[str, ...] = ()
+
+
+def topo_options(levers) -> dict:
+    """TopoAdapterConfig options of a lever set; a lever not in it is off."""
+    options = {"include_head": False}
+    for lever in levers:
+        if lever not in LEVERS:
+            raise ValueError(f"unknown lever {lever!r}; known: {list(LEVERS)}")
+        options.update(LEVERS[lever])
+    return options
+
+
+# Topo variants: options of one builder. positions: "ranked" (the topological derivative), "topo" (the positions the
+# `topo` run of the same seed chose), "random", "last" (the last blocks), "fixed" (given); init: "eigen" or "random".
+TOPO_VARIANTS: dict[str, dict] = {
+    "topo": topo_options(DEFAULT_LEVERS),
+    "topo_paper": topo_options(()),  # none of the levers: the paper's layer at the top-k eigenvalues
+    **{f"topo_no_{lever}": topo_options(set(DEFAULT_LEVERS) - {lever}) for lever in DEFAULT_LEVERS},
+    "topo_optimized": {**topo_options(DEFAULT_LEVERS), "directions": "optimized"},
+    "topo_head_input_only": {**topo_options(DEFAULT_LEVERS), "positions": "fixed", "fixed": ["head_input"]},
+    "bottleneck_at_topo": {**topo_options(DEFAULT_LEVERS), "positions": "topo", "init": "random"},
+    "topo_random_positions": {**topo_options(DEFAULT_LEVERS), "positions": "random"},
+    "topo_last_blocks": {**topo_options(DEFAULT_LEVERS), "positions": "last"},
+}
+# Progressive growth during fine-tuning (issue 9, the paper's algorithm on a frozen pretrained model): the head trains
+# alone, then one adapter is inserted every GROW_EVERY epochs at the position ranked first by the current (trained)
+# model, until the matched budget or num_adapters is reached.
+GROW_EVERY = 2
+GROWN = {"topo_grown": topo_options(DEFAULT_LEVERS)}
+TOPO_FAMILY = (*TOPO_VARIANTS, *GROWN)
+METHODS = ("head", "head_warmup", "full", "lora", "adalora", *TOPO_FAMILY)
+MATCHED = ("lora", "adalora", *TOPO_FAMILY)
+# Learning rate per method family (recipes override them with the values chosen on their validation splits).
+DEFAULT_LRS = {"head": 2e-2, "full": 2e-4, "peft": 1e-2}
+
+
+def lever_method(method: str) -> dict | None:
+    """Options of a method named by its levers, `topo+warmup+crossfit` (`topo+` for none), else None."""
+    if not method.startswith("topo+"):
+        return None
+    return topo_options([lever for lever in method.removeprefix("topo+").split("+") if lever])
+
+
+def topo_variant(method: str) -> dict | None:
+    return TOPO_VARIANTS.get(method, lever_method(method))
+
+
+def is_method(method: str) -> bool:
+    return method in METHODS or lever_method(method) is not None
+
+
+def is_matched(method: str) -> bool:
+    """Methods built to the matched trainable budget (the gap to it is recorded)."""
+    return method in MATCHED or lever_method(method) is not None
+
+
+def lr_for(method: str, lrs: dict[str, float]) -> float:
+    family = {"head": "head", "head_warmup": "head", "full": "full"}.get(method, "peft")
+    if method.startswith("topo") and method not in lrs:  # every topo variant trains at the topo method's rate
+        return lrs.get("topo", lrs.get(family, DEFAULT_LRS[family]))
+    return lrs.get(method, lrs.get(family, DEFAULT_LRS[family]))
+
+
+@dataclass
+class Built:
+    model: nn.Module
+    trainable: int = 0
+    note: str = ""
+    positions: list[str] = field(default_factory=list)
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+    setup_seconds: float = 0.0
+    # Called after training: adds what happened during it (growth's scoring and insertions) to note, positions and
+    # setup_seconds.
+    after_fit: Callable[[Built], None] | None = None
+
+
+def build_method(
+    method: str,
+    model: nn.Module,
+    calibration: list[dict],
+    budget: Budget,
+    total_steps: int,
+    seed: int,
+    lora_targets: Sequence[str] = ("query", "value"),
+    topo_positions: list[str] | None = None,
+    head_lr: float = DEFAULT_LRS["head"],
+) -> Built:
+    """Wraps a fresh pretrained classifier for one method. `calibration` (batches of the training split) scores and
+    initialises the topo adapters; `topo_positions` (what `topo` chose for this seed) is needed by
+    `bottleneck_at_topo`; `head_lr` is the head warm-up's learning rate (the recipe's head-only rate)."""
+    if not is_method(method):
+        raise ValueError(f"unknown method {method!r}; known: {list(METHODS)} or topo+<levers> ({list(LEVERS)})")
+    start = time.perf_counter()
+    head = head_name(model)
+    variant = topo_variant(method)
+    if method in GROWN:
+        built = build_topo_grown(model, calibration, budget, seed, head, GROWN[method])
+    elif variant is not None:
+        options = {**variant, "head_warmup_lr": head_lr} if "head_warmup_steps" in variant else variant
+        built = build_topo(model, calibration, budget, seed, head, topo_positions, **options)
+    else:
+        built = _build_baseline(method, model, calibration, budget, total_steps, list(lora_targets), head, head_lr)
+    built.setup_seconds = time.perf_counter() - start
+    built.trainable = count_trainable(built.model)
+    return built
+
+
+def _build_baseline(method, model, calibration, budget, total_steps, lora_targets, head, head_lr) -> Built:
+    import peft
+
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return Built(model, note="every weight")
+    if method in ("head", "head_warmup"):
+        note = f"{head} only"
+        if method == "head_warmup":  # the topo warm-up's head training, then the same training as head-only
+            from hf_topoadapt.warmup import warm_up_head
+
+            record = warm_up_head(model, calibration, [head], WARMUP_STEPS, head_lr)
+            note += f", warmed up {record.steps} steps (loss {record.loss_before:.3f} -> {record.loss_after:.3f})"
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(head + "."))
+        return Built(model, note=note)
+    if method == "lora":
+        config = peft.LoraConfig(
+            r=budget.lora_rank, lora_alpha=2 * budget.lora_rank, lora_dropout=0.0, target_modules=lora_targets,
+            modules_to_save=[head],
+        )  # fmt: skip
+        return Built(peft.get_peft_model(model, config), note=f"r={budget.lora_rank} on {'/'.join(lora_targets)}")
+    # adalora
+    tinit, tfinal = max(1, total_steps // 10), max(1, total_steps // 5)
+    if total_steps - tinit - tfinal <= 0:
+        tinit = tfinal = 0
+    target_r = max(1, budget.lora_rank // 2)
+    config = peft.AdaLoraConfig(
+        init_r=budget.lora_rank, target_r=target_r, total_step=total_steps, tinit=tinit, tfinal=tfinal,
+        deltaT=max(1, total_steps // 20), lora_alpha=2 * budget.lora_rank, lora_dropout=0.0,
+        target_modules=lora_targets, modules_to_save=[head],
+    )  # fmt: skip
+    wrapped = peft.get_peft_model(model, config)
+    if target_r >= budget.lora_rank:  # rank 1: nothing to reallocate (peft's allocator fails on k = 0)
+        return Built(wrapped, note=f"init_r = target_r = {target_r}: SVD-form LoRA with AdaLoRA's orthogonality term")
+    note = f"init_r={budget.lora_rank} -> target_r={target_r}, {total_steps} steps"
+    return Built(wrapped, note=note, callbacks=[AdaLoraAllocation()])
+
+
+def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, seed: int, head: str, options) -> Built:
+    """A TopoModel of the head alone and the callback that grows it during training: one layer of the matched
+    per-adapter width every GROW_EVERY epochs at the best position of the current model, the last one trimmed to fit
+    the budget (GrowthConfig.max_trainable)."""
+    import hf_topoadapt as hta
+    from hf_topoadapt.growth import GrowthConfig, TopoGrowthCallback, head_only_topo_model
+
+    options = {k: v for k, v in options.items() if k not in ("neuron_budget", "head_warmup_steps")}
+    config = hta.TopoAdapterConfig(neurons=budget.request(), modules_to_save=[head], seed=seed, **options)
+    wrapped = head_only_topo_model(model, config)
+    growth = GrowthConfig(
+        schedule=[GROW_EVERY], max_insertions=budget.num_adapters, max_trainable=budget.target,
+        calibration_batches=None, seed=seed,
+    )  # fmt: skip
+    callback = TopoGrowthCallback(growth, calibration_data=calibration)
+
+    def after_fit(built: Built) -> None:
+        log = callback.grower.log if callback.grower is not None else []
+        grown = [e for e in log if e["accepted"]]
+        built.positions = [e["position"] for e in grown]
+        built.setup_seconds += sum(e.get("seconds", 0.0) for e in log)
+        shapes = wrapped.peft_config[wrapped.active_adapter].adapter_shapes or {}
+        built.note = (
+            f"grown every {GROW_EVERY} epochs: epochs {[e['epoch'] for e in grown]}, neurons "
+            f"{[s['neurons'] for s in shapes.values()]}"
+            + (f"; stopped: {callback.grower.stopped}" if log and callback.grower.stopped else "")
+        )
+
+    return Built(wrapped, note="head, grown during training", callbacks=[callback], after_fit=after_fit)
+
+
+def topo_candidates(model: nn.Module, include_head: bool = True) -> list[str]:
+    from hf_topoadapt.locate import find_positions
+
+    return [p.name for p in find_positions(model, include_head=include_head)]
+
+
+def build_topo(
+    model: nn.Module,
+    calibration: list[dict],
+    budget: Budget,
+    seed: int,
+    head: str,
+    topo_positions: list[str] | None = None,
+    positions: str = "ranked",
+    init: str = "eigen",
+    fixed: list[str] | None = None,
+    neurons: int | None = None,
+    **options,
+) -> Built:
+    """Topo adapters at the budget: built with enough neurons, then each trimmed (its neurons come strongest first) so
+    the trainable count meets the budget. With equal widths everywhere (a transformer) the request is the matched
+    count itself; in a CNN a neuron's cost differs by position. `positions="fixed"` with `fixed` names the positions,
+    and `neurons` fixes the neurons of every adapter (no trimming to the budget)."""
+    options = {"num_adapters": budget.num_adapters, **options}
+    if options.get("neuron_budget") is True and init == "eigen":  # the library allocates it by value per parameter
+        options["neuron_budget"] = budget.target - budget.head_params
+    else:  # random rows get exactly the recipe's allocation below
+        options.pop("neuron_budget", None)
+    if positions == "ranked":
+        return fit_budget(_topo(model, calibration, head, seed, neurons or budget.request(), init, options), budget)
+    candidates = [c for c in topo_candidates(model, options.get("include_head", True)) if c in budget.costs]
+    if positions == "fixed":
+        if not fixed:
+            raise ValueError('positions="fixed" needs the positions: fixed=[...]')
+        chosen = list(fixed)
+    elif positions == "topo":
+        if not topo_positions:
+            raise ValueError("this method needs the positions chosen by topo (run topo first)")
+        chosen = list(topo_positions)
+    elif positions == "random":
+        chosen = random.Random(1000 + seed).sample(candidates, budget.num_adapters)
+    elif positions == "last":
+        chosen = candidates[-budget.num_adapters :]
+    else:
+        raise ValueError(f"unknown positions rule {positions!r}")
+    options.update(num_adapters=len(chosen), target_modules=chosen)
+    if neurons is not None:
+        return _topo(model, calibration, head, seed, neurons, init, options)
+    if init == "eigen":
+        request = budget.request(chosen)
+    else:  # random rows: exactly the allocation (at most one neuron per channel: U's columns are distinct axes)
+        request = max(budget.allocate({p: budget.widths.get(p, 10**6) for p in chosen}).values())
+    return fit_budget(_topo(model, calibration, head, seed, request, init, options), budget)
+
+
+def _topo(model, calibration, head, seed, neurons, init, options) -> Built:
+    import hf_topoadapt as hta
+
+    if options.get("neuron_budget"):
+        neurons = None  # the budget decides the neurons of every position
+    config = hta.TopoAdapterConfig(neurons=neurons, modules_to_save=[head], seed=seed, init=init, **options)
+    wrapped = hta.get_topo_model(model, config, calibration_data=calibration)
+    chosen = list(wrapped.topo_report.chosen) if wrapped.topo_report else []
+    if config.init == "random" or not chosen:
+        chosen = list(config.target_modules)
+    shapes = config.adapter_shapes or {}
+    note = f"{config.init} init, neurons {[shape['neurons'] for shape in shapes.values()]}"
+    if wrapped.topo_report and config.init == "eigen":
+        accepted = [i for i in wrapped.topo_report.insertions if i["accepted"]]
+        note += ", eps " + " ".join(f"{i['eps']:.3g}" for i in accepted)
+        note += f", calibration loss {accepted[0]['loss_before']:.3f} -> {accepted[-1]['loss_after']:.3f}"
+    return Built(wrapped, note=note, positions=chosen)
+
+
+def fit_budget(built: Built, budget: Budget) -> Built:
+    """Trims the adapters of a TopoModel to `budget.allocate` of the neurons they got (keeping the strongest, which
+    come first), so the trainable count meets the budget; updates adapter_shapes so save/load stays consistent."""
+    from hf_topoadapt.tuner import TopoLayer
+
+    wrapped = built.model
+    config = wrapped.peft_config[wrapped.active_adapter]
+    shapes = config.adapter_shapes
+    got = {p: shape["neurons"] for p, shape in shapes.items()}
+    keep = budget.allocate(got)
+    if keep == got:
+        return built
+    name = wrapped.active_adapter
+    base = wrapped.base_model.model
+    with torch.no_grad():
+        for position, shape in shapes.items():
+            m = keep[position]
+            if m == shape["neurons"]:
+                continue
+            module = base.get_submodule(shape["module"])
+            layer = next(c for c in module.children() if isinstance(c, TopoLayer))
+            down = layer.topo_down[name]
+            down.weight = nn.Parameter(down.weight[:m].clone())
+            down.bias = nn.Parameter(down.bias[:m].clone())
+            if isinstance(down, nn.Conv2d):
+                down.out_channels = m
+            else:
+                down.out_features = m
+            up = layer.topo_up[name]
+            layer.topo_up[name] = nn.Parameter(up[:, :m].clone(), requires_grad=up.requires_grad)
+            shape["neurons"] = m
+    built.note = built.note.replace(f"neurons {list(got.values())}", f"neurons {list(keep.values())}")
+    built.note += f" (trimmed from {list(got.values())} to meet the budget)"
+    return built
