@@ -1,32 +1,47 @@
 """Speed and memory of scoring: how much a call to `score_positions` costs next to training.
 
-Three measurements, all in one run (results in benchmarks/results/scoring.{md,json}):
+Measurements (results in benchmarks/results/scoring.{md,json}; `--parts` picks a subset):
 
-1. Scoring ratio: time of `score_positions(model, batches)` over every position divided by the time of one
-   plain training pass (forward + backward, train mode, every parameter requiring grad) over the same
-   calibration batches, for the real all-MiniLM-L6-v2 (sequence classification, 4 labels) and a
-   ViT-Tiny-sized ViT (random init). One warm-up call of each on the first batch, then the timed passes
-   interleaved (train, score, train, score, ...); the ratio uses the fastest pass of each.
-2. Block solver vs the naive dense eigen-solve of the whole d(d+1) x d(d+1) matrix (float64).
-3. Time and peak memory of scoring one position at d = 384 and 768 with 16384 tokens through the matrix-free
-   path that `score_positions` takes there (PairAccumulator in "auto" mode -> TokenPairs + lanczos_spectrum,
-   float32, default ScoringConfig, token cap included), each case in a fresh subprocess; and the accuracy of
-   the Lanczos top eigenvalue against an exact eigen-solve at d = 384.
+1. ratio: time of `score_positions(model, batches)` over every position divided by the time of one plain
+   training pass (forward + backward, train mode, every parameter requiring grad) over the same calibration
+   batches, for the real all-MiniLM-L6-v2 (sequence classification, 4 labels) and a ViT-Tiny-sized ViT (random
+   init). One warm-up call of each on the first batch, then the timed passes interleaved (train, score, train,
+   score, ...); the ratio uses the fastest pass of each.
+2. host: device-independent figures of one scoring call (torch profiler, CPU): operator calls and the
+   operations that make the host wait for an accelerator (reading a number, data-dependent shapes, eigh's error
+   check), next to one training pass; for this code and for the baseline commit (a fresh subprocess on a
+   `git archive` of it), so progress shows without a GPU.
+3. topo: the cost of `get_topo_model(num_adapters=3)` in scoring passes (its time over one `score_positions`
+   call), with the forward passes it runs (block executions / (blocks x batches): replayed blocks do not count),
+   for this code and the baseline commit, interleaved.
+4. cap: the effect of the token budget on the eigenvalues and the ranking of positions (real MiniLM and a
+   ViT-B/16-sized model at 224 px): default settings against every token (and the old fixed 8192-token cap),
+   from one capture; and the accuracy of TF32 and bfloat16 Lanczos products (emulated on the CPU: inputs rounded,
+   float32 accumulation) against float32.
+5. solvers: block solver vs the naive dense eigen-solve of the whole d(d+1) x d(d+1) matrix (float64).
+6. position: time and peak memory of scoring one position at d = 384 and 768 with 16384 tokens through the
+   matrix-free path that `score_positions` takes there (PairAccumulator in "auto" mode -> TokenPairs +
+   lanczos_spectra, float32, default ScoringConfig and memory budget), each case in a fresh subprocess; and the
+   accuracy of the Lanczos top eigenvalue against an exact eigen-solve at d = 384.
 
-Run:  .venv/bin/python benchmarks/scoring.py [--quick]
+Run:  .venv/bin/python benchmarks/scoring.py [--quick] [--parts ratio,host,topo,cap,solvers,position]
 (HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 are set here if missing.)
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import copy
+import dataclasses
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +49,10 @@ for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_name, "1")
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# A worker measuring the baseline imports the package from a `git archive` of it (--package-root).
+PACKAGE_ROOT = Path(sys.argv[sys.argv.index("--package-root") + 1]) if "--package-root" in sys.argv else ROOT
+if str(PACKAGE_ROOT) not in sys.path:
+    sys.path.insert(0, str(PACKAGE_ROOT))
 
 import torch  # noqa: E402
 
@@ -54,8 +71,25 @@ from hf_topoadapt.sensitivity.operators import (  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Non-default settings timed as well in part 1, for the choice of defaults (the defaults are what counts).
-ALTERNATIVE_SETTINGS = {"lanczos_screen_iterations=8": {"lanczos_screen_iterations": 8}}
+ALTERNATIVE_SETTINGS = {
+    "screen_tokens=None (screen on every token)": {"screen_tokens": None},
+    "max_tokens=8192, screen_tokens=None (the old fixed cap)": {"max_tokens": 8192, "screen_tokens": None},
+    "cpu_pair_memory=256 MiB (a smaller CPU budget)": {"cpu_pair_memory": 256 * 2**20},
+}
+BASELINE_COMMIT = "e014096"  # the code before issue 10's scoring work: the "before" of parts 2 and 3
 TARGET_RATIO = 1.5
+TARGET_TOPO_PASSES = 2.0
+# Operations that make the host wait for an accelerator: reading a number (item, float, bool, int), outputs
+# whose size depends on the data (nonzero, boolean indexing, unique, masked_select), eigh's error check.
+SYNC_OPS = (
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::masked_select",
+    "aten::_linalg_eigh",
+)
 TARGET_SPEEDUP = 100.0
 TARGET_SECONDS_768 = 60.0
 TARGET_PEAK_GB_768 = 4.0
@@ -255,7 +289,8 @@ def train_pass(model, batches) -> None:
 @contextlib.contextmanager
 def phase_timers(totals: dict):
     """Times the capture pass and the eigen-solves inside score_positions (instrumentation only)."""
-    original_capture, original_solve = scoring_module.capture, scoring_module.solve
+    solve_name = "solve_all" if hasattr(scoring_module, "solve_all") else "solve"
+    original_capture, original_solve = scoring_module.capture, getattr(scoring_module, solve_name)
 
     def timed(name, fn):
         def wrapper(*args, **kwargs):
@@ -268,11 +303,12 @@ def phase_timers(totals: dict):
         return wrapper
 
     scoring_module.capture = timed("capture_s", original_capture)
-    scoring_module.solve = timed("solve_s", original_solve)
+    setattr(scoring_module, solve_name, timed("solve_s", original_solve))
     try:
         yield
     finally:
-        scoring_module.capture, scoring_module.solve = original_capture, original_solve
+        scoring_module.capture = original_capture
+        setattr(scoring_module, solve_name, original_solve)
 
 
 def real_accuracy(model, batches) -> dict:
@@ -312,15 +348,18 @@ def measure_ratio(name: str, build, count: int, batch_size: int, repeats: int, c
     train_pass(model, batches[:1])
     hf_topoadapt.score_positions(model, batches[:1])
     train_times, score_times, phases, scores = [], [], [], None
+    train_cpu, score_cpu = [], []
     for repeat in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         train_pass(model, batches)
         train_times.append(time.perf_counter() - start)
+        train_cpu.append(time.process_time() - cpu)
         totals: dict = {}
         with phase_timers(totals):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             scores = hf_topoadapt.score_positions(model, batches)
             score_times.append(time.perf_counter() - start)
+            score_cpu.append(time.process_time() - cpu)
         phases.append(totals)
         print(
             f"[ratio] {name}: repeat {repeat + 1}/{repeats}: train {train_times[-1]:.2f} s, "
@@ -364,6 +403,9 @@ def measure_ratio(name: str, build, count: int, batch_size: int, repeats: int, c
         "solve_s": [p["solve_s"] for p in phases],
         "ratio": ratio,
         "ratio_per_repeat": [s / t for s, t in zip(score_times, train_times, strict=True)],
+        "train_cpu_s": train_cpu,
+        "score_cpu_s": score_cpu,
+        "ratio_cpu_time": min(score_cpu) / min(train_cpu),
         "ratio_capture_only": phases[best]["capture_s"] / min(train_times),
         "target": TARGET_RATIO,
         "meets_target": ratio <= TARGET_RATIO,
@@ -372,6 +414,426 @@ def measure_ratio(name: str, build, count: int, batch_size: int, repeats: int, c
         "scores": [{"name": s.name, "eigenvalue": s.eigenvalue, "residual": s.residual} for s in scores],
         "alternatives": others,
         "load_average_after": list(os.getloadavg()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- part 2 and 3
+
+
+def vit_base_case(count: int, batch_size: int):
+    """A ViT-B/16-sized classifier at 224 px (random init, random images): 197 tokens per image, d = 768."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=224, patch_size=16, num_labels=10)  # the defaults are ViT-B: 768, 12 x 12 heads
+    model = ViTForImageClassification(config)
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randn(count, 3, 224, 224, generator=generator)
+    labels = torch.randint(0, 10, (count,), generator=generator)
+    batches = [
+        {"pixel_values": images[i : i + batch_size], "labels": labels[i : i + batch_size]}
+        for i in range(0, count, batch_size)
+    ]
+    info = {
+        "model": "ViT-B/16-sized ViTForImageClassification (hidden 768, 12 layers, 12 heads, mlp 3072, 224x224 "
+        "images, patch 16, 10 labels, random init)",
+        "images": count,
+        "batch_size": batch_size,
+        "tokens": count * 197,
+    }
+    return model, batches, info
+
+
+CASES = {"minilm": minilm_case, "vit_tiny": vit_case, "vit_base": vit_base_case}
+
+
+def operator_profile(fn) -> dict:
+    """Operator calls and host waits of fn() under the torch profiler (CPU activity; nested calls included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.events()
+    names = collections.Counter(event.name for event in events)
+    return {
+        "aten_ops": sum(count for name, count in names.items() if name.startswith("aten::")),
+        "python_issued_ops": sum(1 for e in events if e.cpu_parent is None and e.name.startswith("aten::")),
+        "host_syncs": sum(names[name] for name in SYNC_OPS),
+        "host_syncs_by_op": {name: names[name] for name in SYNC_OPS if names[name]},
+        "item_calls": names["aten::item"],
+    }
+
+
+def host_worker(case: str, count: int, batch_size: int) -> dict:
+    """Part 2 in this process (this code or the baseline): one profiled scoring call and training pass."""
+    model, batches, info = CASES[case](count, batch_size)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    train_pass(model, batches[:1])
+    hf_topoadapt.score_positions(model, batches[:1])  # warm-up: lazy initialisations are not the call's cost
+    scoring = operator_profile(lambda: hf_topoadapt.score_positions(model, batches))
+    training = operator_profile(lambda: train_pass(model, batches))
+    batched = None
+    if "batch_positions" in {f.name for f in dataclasses.fields(ScoringConfig)}:  # this code: the accelerator path
+        config = ScoringConfig(batch_positions=True)
+        batched = operator_profile(lambda: hf_topoadapt.score_positions(model, batches, config))
+    return {
+        "case": case,
+        **info,
+        "positions": len(hf_topoadapt.score_positions(model, batches[:1])),
+        "scoring": scoring,
+        "scoring_batched": batched,
+        "training": training,
+    }
+
+
+@contextlib.contextmanager
+def block_counter(model, counts: dict):
+    """Counts real executions of the model's blocks (a replayed block does not run its class's forward), split by
+    whether gradients were on (capture passes) or off (loss evaluations)."""
+    from hf_topoadapt.locate import find_block_list
+
+    _, blocks = find_block_list(model)
+    cls = type(blocks[0])
+    original = cls.forward
+
+    def forward(self, *args, **kwargs):
+        key = "with_grad" if torch.is_grad_enabled() else "no_grad"
+        counts[key] = counts.get(key, 0) + 1
+        return original(self, *args, **kwargs)
+
+    cls.forward = forward
+    try:
+        yield len(blocks)
+    finally:
+        cls.forward = original
+
+
+def topo_worker(case: str, count: int, batch_size: int, adapters: int = 3) -> dict:
+    """Part 3 in this process: get_topo_model(adapters) against score_positions on the same model and data."""
+    from hf_topoadapt import insertion as insertion_module
+
+    torch.set_num_threads(1)  # one thread: its CPU time is the work done, whatever else runs on the machine
+    model, batches, info = CASES[case](count, batch_size)
+    base = copy.deepcopy(model)
+    hf_topoadapt.score_positions(model, batches[:1])  # warm-up
+    score_cpu_s, score_s = min(cpu_and_wall(lambda: hf_topoadapt.score_positions(model, batches)) for _ in range(2))
+    counts: dict = {}
+    loss_evaluations = {"n": 0}
+    original_mean_loss = insertion_module.mean_loss
+
+    def counted_mean_loss(*args, **kwargs):
+        loss_evaluations["n"] += 1
+        return original_mean_loss(*args, **kwargs)
+
+    insertion_module.mean_loss = counted_mean_loss
+    config = hf_topoadapt.TopoAdapterConfig(num_adapters=adapters, modules_to_save=["classifier"])
+    try:
+        with block_counter(base, counts) as num_blocks:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            adapted = hf_topoadapt.get_topo_model(base, config, calibration_data=batches)
+            topo_s, topo_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        insertion_module.mean_loss = original_mean_loss
+    per_pass = num_blocks * len(batches)
+    insertions = adapted.topo_report.insertions
+    return {
+        "case": case,
+        **info,
+        "adapters": adapters,
+        "score_s": score_s,
+        "topo_s": topo_s,
+        "score_cpu_s": score_cpu_s,
+        "topo_cpu_s": topo_cpu_s,
+        "scoring_passes": topo_cpu_s / score_cpu_s,
+        "scoring_passes_wall": topo_s / score_s,
+        "capture_passes": counts.get("with_grad", 0) / per_pass,
+        "forward_passes": counts.get("no_grad", 0) / per_pass,
+        "loss_evaluations": loss_evaluations["n"],
+        "chosen": [i["position"] for i in insertions if i["accepted"]],
+        "eps": [i["eps"] for i in insertions if i["accepted"]],
+        "measured_decrease": [i["measured_decrease"] for i in insertions if i["accepted"]],
+        "loss_after": [i["loss_after"] for i in insertions if i["accepted"]],
+    }
+
+
+def cpu_and_wall(fn) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) of fn(); CPU time first, so min() over repeats picks by CPU time."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    fn()
+    return time.process_time() - cpu_start, time.perf_counter() - start
+
+
+def ratio_worker(case: str, count: int, batch_size: int, repeats: int = 3, settings: dict | None = None) -> dict:
+    """Part 1b in this process: scoring / training pass by CPU time with one torch thread (the work each does,
+    whatever else runs on the machine), interleaved, the least of the repeats."""
+    torch.set_num_threads(1)
+    model, batches, info = CASES[case](count, batch_size)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    config = ScoringConfig(**settings) if settings else None
+    train_pass(model, batches[:1])
+    hf_topoadapt.score_positions(model, batches[:1], config)  # warm-up
+    train, score = [], []
+    for _ in range(repeats):
+        train.append(cpu_and_wall(lambda: train_pass(model, batches))[0])
+        score.append(cpu_and_wall(lambda: hf_topoadapt.score_positions(model, batches, config))[0])
+    scores = hf_topoadapt.score_positions(model, batches, config)
+    return {
+        "case": case,
+        **info,
+        "settings": settings or {},
+        "train_cpu_s": train,
+        "score_cpu_s": score,
+        "ratio": min(score) / min(train),
+        "positions": [s.name for s in scores],
+        "eigenvalues": [s.eigenvalue for s in scores],
+        "tokens_used": [s.tokens_used for s in scores],
+    }
+
+
+def measure_cpu_ratio(cases: list[tuple[str, int]], commit: str, variants: dict) -> dict:
+    """Part 1b for the baseline commit and for this code (default settings and `variants`)."""
+    out = {}
+    with baseline_package(commit) as baseline:
+        for case, count in cases:
+            spec = {"task": "ratio", "case": case, "count": count, "batch_size": 32}
+            row = {"before": run_worker(spec, baseline), "after": run_worker(spec)}
+            for label, settings in variants.items():
+                row[label] = run_worker({**spec, "settings": settings})
+            reference = dict(zip(row["after"]["positions"], row["after"]["eigenvalues"], strict=True))
+            for result in row.values():  # by name: the baseline may know fewer positions
+                pairs = zip(result["positions"], result["eigenvalues"], strict=True)
+                result["eigenvalue_ratio_to_default"] = [v / reference[n] for n, v in pairs if n in reference]
+            out[case] = {**row, "baseline": commit}
+            print(
+                f"[cpu ratio] {case}: before {row['before']['ratio']:.2f}, after {row['after']['ratio']:.2f}, "
+                + ", ".join(f"{label} {row[label]['ratio']:.2f}" for label in variants),
+                flush=True,
+            )
+    return out
+
+
+def run_worker(spec: dict, package_root: Path | None = None) -> dict:
+    """Runs a worker in a fresh interpreter, on this code or on the package at `package_root`."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    if package_root is not None:
+        command += ["--package-root", str(package_root)]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def baseline_package(commit: str):
+    """The package as it was at `commit` (git archive into a temporary folder)."""
+    with tempfile.TemporaryDirectory() as folder:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", commit, "hf_topoadapt"], capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+        yield Path(folder)
+
+
+def measure_host(cases: list[tuple[str, int]], commit: str) -> dict:
+    out = {}
+    with baseline_package(commit) as baseline:
+        for case, count in cases:
+            spec = {"task": "host", "case": case, "count": count, "batch_size": 32}
+            after, before = run_worker(spec), run_worker(spec, baseline)
+            out[case] = {"after": after, "before": before, "baseline": commit}
+            print(
+                f"[host] {case}: scoring {before['scoring']['aten_ops']} -> {after['scoring']['aten_ops']} aten ops, "
+                f"{before['scoring']['host_syncs']} -> {after['scoring']['host_syncs']} host waits "
+                f"(training pass: {after['training']['aten_ops']} ops, {after['training']['host_syncs']} waits)",
+                flush=True,
+            )
+    return out
+
+
+def measure_topo(cases: list[tuple[str, int]], commit: str, repeats: int) -> dict:
+    out = {}
+    with baseline_package(commit) as baseline:
+        for case, count in cases:
+            spec = {"task": "topo", "case": case, "count": count, "batch_size": 32}
+            runs = {"before": [], "after": []}
+            for _ in range(repeats):  # interleaved: the load of the shared machine hits both alike
+                runs["before"].append(run_worker(spec, baseline))
+                runs["after"].append(run_worker(spec))
+            best = {key: min(values, key=lambda r: r["scoring_passes"]) for key, values in runs.items()}
+            out[case] = {**best, "runs": runs, "baseline": commit}
+            print(
+                f"[topo] {case}: get_topo_model(3) = {best['before']['scoring_passes']:.2f} -> "
+                f"{best['after']['scoring_passes']:.2f} scoring passes ({best['before']['topo_s']:.1f} -> "
+                f"{best['after']['topo_s']:.1f} s)",
+                flush=True,
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- part 4
+
+
+@contextlib.contextmanager
+def emulated_products(kind: str, everywhere: bool = False):
+    """Lanczos products as a TF32 or bfloat16 tensor core computes them (inputs rounded, float32 accumulation),
+    on the CPU: where the solver asks for TF32 products (`everywhere`: in every TokenPairs product)."""
+    from hf_topoadapt.sensitivity import solvers
+    from hf_topoadapt.sensitivity.precision import round_to_tf32
+
+    def to_bf16(x):
+        return x.to(torch.bfloat16).to(torch.float32)
+
+    rounding = round_to_tf32 if kind == "tf32" else to_bf16
+    state = {"on": everywhere}
+    rounded_z: dict = {}
+    original_context, original_apply = solvers.cuda_matmul_precision, TokenPairs.apply
+
+    @contextlib.contextmanager
+    def context(device, tf32=False):
+        previous = state["on"]
+        state["on"] = tf32 or everywhere
+        try:
+            yield
+        finally:
+            state["on"] = previous
+
+    def apply(self, vectors, rows=None):
+        if not state["on"]:
+            return original_apply(self, vectors, rows)
+        key = id(self.z)
+        if key not in rounded_z:
+            rounded_z[key] = (self.z, rounding(self.z))
+        z = rounded_z[key][1]
+        p = self.p if rows is None else self.p[:, rows]
+        projections = z @ rounding(vectors).T
+        return (rounding(projections * p).T @ z) * self.scale
+
+    solvers.cuda_matmul_precision, TokenPairs.apply = context, apply
+    try:
+        yield
+    finally:
+        solvers.cuda_matmul_precision, TokenPairs.apply = original_context, original_apply
+
+
+def ranking_change(values: list[float], reference: list[float]) -> dict:
+    """How the order of positions by eigenvalue differs from the reference order."""
+    order, expected = (
+        sorted(range(len(values)), key=lambda i: -values[i]),
+        sorted(range(len(reference)), key=lambda i: -reference[i]),
+    )
+    pairs = [(i, j) for i in range(len(values)) for j in range(i + 1, len(values))]
+    concordant = sum((values[i] - values[j]) * (reference[i] - reference[j]) > 0 for i, j in pairs)
+    return {
+        "same_best": order[0] == expected[0],
+        "same_top3": order[:3] == expected[:3],
+        "kendall_tau": (2 * concordant - len(pairs)) / max(1, len(pairs)),
+    }
+
+
+def measure_cap(case: str, count: int, batch_size: int, emulate: bool = True) -> dict:
+    """One capture keeping every token (the default budget), then the solver under the settings compared."""
+    from hf_topoadapt.scoring import position_generator, score_round, solve
+
+    print(f"[cap] {case}: building and capturing {count} examples", flush=True)
+    model, batches, info = CASES[case](count, batch_size)
+    reference_config = ScoringConfig(screen_tokens=None)  # every token, screened and refined
+    start = time.perf_counter()
+    scored = score_round(model, batches, reference_config)
+    capture_s = time.perf_counter() - start
+    operators = [s.operator for s in scored.scores]
+    names = [s.name for s in scored.scores]
+
+    def solve_with(config, prepare=lambda op, g: op):
+        values, seconds = [], 0.0
+        for name, operator in zip(names, operators, strict=True):
+            generator = position_generator(config.seed, name)
+            operator = prepare(operator, position_generator(config.seed + 1, name))
+            start = time.perf_counter()
+            values.append(solve(operator, config, generator).top)
+            seconds += time.perf_counter() - start
+        return values, seconds
+
+    reference = [s.eigenvalue for s in scored.scores]
+    settings = {}
+    default_values, default_s = solve_with(ScoringConfig())
+    settings["default"] = (default_values, default_s)
+    settings["every token, screen on every token"] = solve_with(reference_config)
+    settings["old cap: 8192 tokens (subsample), screened on all of them"] = solve_with(
+        reference_config, lambda op, g: op.token_subsample(8192, g)
+    )
+    out = {
+        "case": case,
+        **info,
+        "capture_s": capture_s,
+        "positions": names,
+        "tokens_seen": [s.tokens for s in scored.scores],
+        "tokens_used": [s.tokens_used for s in scored.scores],
+        "reference": reference,
+        "settings": {},
+    }
+    for label, (values, seconds) in settings.items():
+        ratios = [v / r for v, r in zip(values, reference, strict=True)]
+        out["settings"][label] = {
+            "eigenvalues": values,
+            "solve_s": seconds,
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            **ranking_change(values, reference),
+        }
+        print(f"[cap] {case}: {label}: ratio {min(ratios):.3f}..{max(ratios):.3f}, solve {seconds:.1f} s", flush=True)
+    out["exact"] = exact_check(scored.scores)
+    if emulate:
+        out["products"] = {}
+        for kind in ("tf32", "bf16"):
+            for remeasured in (True, False):
+                config = ScoringConfig(tf32_products=True)
+                with emulated_products(kind, everywhere=not remeasured):
+                    values = []
+                    for name, operator in zip(names, operators, strict=True):
+                        spectrum = lanczos_with(operator, config, position_generator(config.seed, name), remeasured)
+                        values.append(spectrum.top)
+                label = f"{kind} products" + (", eigenvalues re-measured in float32" if remeasured else ", raw")
+                errors = [abs(v / d - 1) for v, d in zip(values, default_values, strict=True)]
+                out["products"][label] = {"eigenvalues": values, "max_relative_difference": max(errors)}
+                print(f"[cap] {case}: {label}: max relative difference to float32 {max(errors):.1e}", flush=True)
+    return out
+
+
+def lanczos_with(operator, config: ScoringConfig, generator, tf32: bool):
+    from hf_topoadapt.sensitivity.solvers import exact_spectrum, lanczos_spectrum
+
+    if isinstance(operator, DenseBlocks):
+        return exact_spectrum(operator, 16)
+    return lanczos_spectrum(
+        operator,
+        max(config.max_neurons or 64, 16),
+        config.lanczos_screen_iterations,
+        config.lanczos_refine_iterations,
+        max(config.lanczos_refine_rows, config.max_neurons or 0),
+        generator=generator,
+        screen_tokens=config.screen_tokens,
+        tf32=tf32,
+    )
+
+
+def exact_check(scores) -> dict:
+    """The every-token Lanczos top eigenvalue of the best position against exact eigen-solves (float64) of the
+    blocks Lanczos refined there: the reference of part 4 is converged."""
+    best = max(scores, key=lambda s: s.eigenvalue)
+    operator = best.operator
+    if not isinstance(operator, TokenPairs):
+        return {"position": best.name, "note": "solved exactly"}
+    rows = torch.tensor(list(dict.fromkeys(best.spectrum.rows.tolist()))[:8])
+    exact64 = TokenPairs(operator.z.double(), operator.p.double(), 1.0)
+    exact64.scale = operator.scale
+    exact = float(torch.linalg.eigvalsh(exact64.blocks(rows))[:, -1].max())
+    return {
+        "position": best.name,
+        "lanczos": best.eigenvalue,
+        "exact": exact,
+        "relative_error": abs(best.eigenvalue / exact - 1),
     }
 
 
@@ -494,8 +956,16 @@ def position_worker(width: int, tokens: int, batch_tokens: int, accuracy: str) -
     baseline = rss_bytes()
     generator = torch.Generator().manual_seed(config.seed)
     mode = {"exact": "blocks", "lanczos": "pairs", "auto": "auto"}[config.solver]
+    # The memory budget score_positions gives each of a ViT-B's 13 positions on the CPU.
     accumulator = PairAccumulator(
-        mode, curvature, config.max_tokens, config.kernel_size, torch.float32, generator, config.exact_max_features
+        mode,
+        curvature,
+        config.max_tokens,
+        config.kernel_size,
+        torch.float32,
+        generator,
+        config.exact_max_features,
+        max_bytes=config.cpu_pair_memory // 13,
     )
     capture_s = 0.0
     for index in range(num_batches):
@@ -514,7 +984,8 @@ def position_worker(width: int, tokens: int, batch_tokens: int, accuracy: str) -
         "tokens": tokens,
         "batches": num_batches,
         "tokens_used": accumulator.tokens_used,
-        "max_tokens": config.max_tokens,
+        "cap_tokens": accumulator.cap,
+        "screen_tokens": config.screen_tokens,
         "mode": accumulator.mode,
         "solver": spectrum.solver,
         "dtype": str(operator.dtype),
@@ -636,6 +1107,15 @@ def render(results: dict) -> str:
         f"at end {', '.join(f'{x:.1f}' for x in results['load_average_at_end'])} "
         "(a load above the CPU count means other processes shared the cores and timings are noisy).",
         "",
+    ]
+    for rerun in results.get("rerun", []):
+        lines += [
+            f"Parts {', '.join(rerun['parts'])} were rerun later ({rerun['wall_s']:.0f} s; load average at start "
+            f"{', '.join(f'{x:.1f}' for x in rerun['machine']['load_average_at_start'])}) and replace those of the "
+            "first run.",
+            "",
+        ]
+    lines += [
         "## 1. Scoring time / one training pass",
         "",
         "score_positions over every position (default ScoringConfig) divided by one plain training pass "
@@ -656,7 +1136,11 @@ def render(results: dict) -> str:
         )
     lines += [
         "",
-        "Per-repeat ratios: "
+        "By process CPU time instead of wall time (both threads; less affected by other processes): "
+        + "; ".join(
+            f"{name} {row['ratio_cpu_time']:.2f}" for name, row in results["ratio"].items() if "ratio_cpu_time" in row
+        )
+        + ". Per-repeat ratios: "
         + "; ".join(
             f"{name} {', '.join(fmt(r) for r in row['ratio_per_repeat'])}" for name, row in results["ratio"].items()
         )
@@ -684,9 +1168,12 @@ def render(results: dict) -> str:
                 f"position: {'yes' if alt['same_best_position'] else 'NO'}, same neurons everywhere: "
                 f"{'yes' if alt['same_neurons'] else 'no'}"
             )
+    lines += render_cpu_ratio(results.get("cpu_ratio", {}))
+    lines += render_host(results.get("host", {})) + render_topo(results.get("topo", {}), results["quick"])
+    lines += render_cap(results.get("cap", {}))
     lines += [
         "",
-        "## 2. Block solver vs naive dense eigen-solve (float64)",
+        "## 5. Block solver vs naive dense eigen-solve (float64)",
         "",
         "Synthetic LayerNorm-like states and adjoints. Both solvers start from the accumulated operator (the "
         "d blocks of size (d+1) x (d+1), which capture sums batch by batch whatever the solver): block = "
@@ -712,15 +1199,16 @@ def render(results: dict) -> str:
         )
     lines += [
         "",
-        "## 3. One position, matrix-free (TokenPairs + lanczos_spectrum, float32)",
+        "## 6. One position, matrix-free (TokenPairs + lanczos_spectra, float32)",
         "",
         "Each case in a fresh subprocess: synthetic LayerNorm-like states and adjoints of a (batch, 64, d) stream, "
-        "fed batch by batch (2048 tokens each) to PairAccumulator in 'auto' mode with the default ScoringConfig, "
-        "then the solver score_positions calls. Baseline RSS is measured after imports; peak RSS is the worker's "
-        "VmHWM (high-water resident set).",
+        "fed batch by batch (2048 tokens each) to PairAccumulator in 'auto' mode with the default ScoringConfig and "
+        "the CPU memory budget score_positions gives each of 13 positions (cpu_pair_memory / 13), then the solver "
+        "score_positions calls (the blocks ranked on a sample of screen_tokens tokens, the best refined on every "
+        "token). Baseline RSS is measured after imports; peak RSS is the worker's VmHWM (high-water resident set).",
         "",
-        "| d | tokens seen | tokens used (cap) | accumulate (s) | solve (s) | total (s) | baseline RSS (MB) | "
-        "peak RSS (MB) | increase (MB) | target |",
+        "| d | tokens seen | tokens used (cap by memory) | accumulate (s) | solve (s) | total (s) | "
+        "baseline RSS (MB) | peak RSS (MB) | increase (MB) | target |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["position"]:
@@ -729,7 +1217,7 @@ def render(results: dict) -> str:
             ok = row["total_s"] < TARGET_SECONDS_768 and row["peak_rss_mb"] < TARGET_PEAK_GB_768 * 1024
             target = verdict(f"< {TARGET_SECONDS_768:.0f} s, < {TARGET_PEAK_GB_768:.0f} GB:", ok, results["quick"])
         lines.append(
-            f"| {row['d']} | {row['tokens']} | {row['tokens_used']} (max_tokens={row['max_tokens']}) | "
+            f"| {row['d']} | {row['tokens']} | {row['tokens_used']} ({row.get('cap_tokens')}) | "
             f"{fmt(row['accumulate_s'])} | {fmt(row['solve_s'])} | **{fmt(row['total_s'])}** | "
             f"{row['baseline_rss_mb']:.0f} | {row['peak_rss_mb']:.0f} | {row['peak_increase_mb']:.0f} | {target} |"
         )
@@ -744,13 +1232,171 @@ def render(results: dict) -> str:
                 f"- same tokens: Lanczos {acc['lanczos_top']:.8g} (row {acc['lanczos_top_row']}) vs exact "
                 f"{acc['exact_top_same_tokens']:.8g} (row {acc['exact_top_row']}): relative error "
                 f"**{acc['relative_error_same_tokens']:.1e}**",
-                f"- all {row['tokens']} tokens (no cap), exact {acc['exact_top_all_tokens']:.8g}: relative error of "
-                f"Lanczos {acc['relative_error_vs_all_tokens']:.1e}, of which the token subsample accounts for "
+                f"- all {row['tokens']} tokens, exact {acc['exact_top_all_tokens']:.8g}: relative error of "
+                f"Lanczos {acc['relative_error_vs_all_tokens']:.1e}, of which a token subsample (if any) accounts for "
                 f"{acc['subsample_error']:.1e}",
             ]
     if results.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def render_cpu_ratio(rows: dict) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### 1b. The same ratio by CPU time, one thread, before and after",
+        "",
+        "Each in a fresh process with one torch thread; process CPU time of one training pass and of one "
+        "`score_positions` call, interleaved, the least of 3 (CPU time is the work done, so the load of the shared "
+        "machine barely moves it). Before = the baseline commit (fixed 8192-token cap). Eigenvalue ratio: a "
+        "position's eigenvalue over the one this code gives with default settings (min..max over positions).",
+        "",
+        "| model | version | tokens used per position (max) | train pass CPU s | scoring CPU s | ratio | "
+        "eigenvalue ratio to the default |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for case, row in rows.items():
+        for label, r in row.items():
+            if not isinstance(r, dict):
+                continue
+            ratios = r.get("eigenvalue_ratio_to_default", [1.0])
+            lines.append(
+                f"| {case} | {label} | {max(r['tokens_used'])} | {min(r['train_cpu_s']):.2f} | "
+                f"{min(r['score_cpu_s']):.2f} | **{r['ratio']:.2f}** | {min(ratios):.3f}..{max(ratios):.3f} |"
+            )
+    return lines
+
+
+def render_host(host: dict) -> list[str]:
+    if not host:
+        return []
+    lines = [
+        "",
+        "## 2. Operator calls and host waits per scoring call (device-independent)",
+        "",
+        "torch profiler (CPU activity) over one `score_positions` call with default settings, after a warm-up, and "
+        "over one training pass on the same batches. aten ops: every dispatched operator, nested ones included (a "
+        "proxy for kernel launches); issued from Python: the top-level ones (the host's per-call overhead); host "
+        f"waits: {', '.join(name.removeprefix('aten::') for name in SYNC_OPS)} (each makes the host wait for an "
+        "accelerator: reading a number, a data-dependent shape, eigh's error check). On the CPU these cost little; "
+        "on a GPU they are what made scoring host-bound. Before = the baseline commit, same data, fresh process.",
+        "",
+        "| model | data | positions | aten ops (before -> after) | issued from Python | host waits | item() | "
+        "after, positions batched (the accelerator default): aten ops, from Python, host waits | "
+        "training pass: aten ops, host waits |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for case, row in host.items():
+        before, after = row["before"]["scoring"], row["after"]["scoring"]
+        data = f"{row['after'].get('sequences', row['after'].get('images'))} examples, {row['after']['tokens']} tokens"
+        training = row["after"]["training"]
+        lines.append(
+            f"| {case} | {data} | {row['after']['positions']} | {before['aten_ops']} -> **{after['aten_ops']}** | "
+            f"{before['python_issued_ops']} -> **{after['python_issued_ops']}** | {before['host_syncs']} -> "
+            f"**{after['host_syncs']}** | {before['item_calls']} -> {after['item_calls']} | "
+            + (
+                f"{batched['aten_ops']}, {batched['python_issued_ops']}, **{batched['host_syncs']}** | "
+                if (batched := row["after"].get("scoring_batched"))
+                else "| "
+            )
+            + f"{training['aten_ops']}, {training['host_syncs']} |"
+        )
+    lines.append("")
+    for case, row in host.items():
+        lines.append(
+            f"- {case}, host waits by operator: before {row['before']['scoring']['host_syncs_by_op']}, after "
+            f"{row['after']['scoring']['host_syncs_by_op']}"
+        )
+    return lines
+
+
+def render_topo(topo: dict, quick: bool) -> list[str]:
+    if not topo:
+        return []
+    lines = [
+        "",
+        "## 3. get_topo_model(num_adapters=3): cost in scoring passes",
+        "",
+        "CPU time of `get_topo_model` with 3 adapters (greedy: score, insert, line-search, rescore) over the CPU time "
+        "of one `score_positions` call on the same model and data, in one fresh process per measurement with one "
+        "torch thread (its CPU time is the work done, whatever else shares the machine); before (baseline commit) "
+        "and after, interleaved, the best of the repeats. Passes are real block executions / (blocks x batches): "
+        "capture passes (forward + backward to the states) and forward passes without gradients (the losses of the "
+        "line search; replayed blocks do not run). Loss evaluations: calls of the calibration loss (full or partial).",
+        "",
+        "| model | data | version | get_topo_model CPU (wall) s | score_positions CPU (wall) s | scoring passes | "
+        "capture passes | forward passes | loss evaluations | chosen | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for case, row in topo.items():
+        for version in ("before", "after"):
+            r = row[version]
+            data = f"{r.get('sequences', r.get('images'))} examples"
+            target = verdict(f"<= {TARGET_TOPO_PASSES:.0f}", r["scoring_passes"] <= TARGET_TOPO_PASSES, quick)
+            lines.append(
+                f"| {case} | {data} | {version} | {r['topo_cpu_s']:.1f} ({r['topo_s']:.1f}) | "
+                f"{r['score_cpu_s']:.2f} ({r['score_s']:.2f}) | **{r['scoring_passes']:.2f}** | "
+                f"{r['capture_passes']:.1f} | {r['forward_passes']:.1f} | {r['loss_evaluations']} | "
+                f"{', '.join(r['chosen'])} | {target if version == 'after' else ''} |"
+            )
+    lines.append("")
+    for case, row in topo.items():
+        b, a = row["before"], row["after"]
+        lines.append(
+            f"- {case}: calibration loss after the insertions {b['loss_after'][-1]:.6g} (before) vs "
+            f"{a['loss_after'][-1]:.6g} (after); steps eps {[round(e, 4) for e in b['eps']]} vs "
+            f"{[round(e, 4) for e in a['eps']]}; scoring passes of every run: before "
+            f"{[round(r['scoring_passes'], 2) for r in row['runs']['before']]}, after "
+            f"{[round(r['scoring_passes'], 2) for r in row['runs']['after']]} (by wall time: "
+            f"{[round(r['scoring_passes_wall'], 2) for r in row['runs']['before']]}, "
+            f"{[round(r['scoring_passes_wall'], 2) for r in row['runs']['after']]})"
+        )
+    return lines
+
+
+def render_cap(cap: dict) -> list[str]:
+    if not cap:
+        return []
+    lines = [
+        "",
+        "## 4. The token budget's effect on eigenvalues and ranking",
+        "",
+        "One capture per model keeping every token with a non-zero adjoint (the default memory budget holds them "
+        "all here), then the solver under each setting on the same pairs. Reference: every token, blocks screened "
+        "and refined on every token. Default: every token kept, blocks ranked on a sample of `screen_tokens` (8192) "
+        "tokens, the best refined on every token. Old cap: a uniform 8192-token subsample (reweighted), as the fixed "
+        "`max_tokens=8192` default kept. Ratio = eigenvalue / reference, over the positions.",
+        "",
+        "| model | tokens seen / used per position | setting | eigenvalue ratio (min..max) | same best position | "
+        "same top 3 | Kendall tau | solve (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for case, row in cap.items():
+        tokens = f"{max(row['tokens_seen'])} / {max(row['tokens_used'])}"
+        for label, s in row["settings"].items():
+            lines.append(
+                f"| {case} | {tokens} | {label} | **{s['ratio_min']:.3f}..{s['ratio_max']:.3f}** | "
+                f"{'yes' if s['same_best'] else 'NO'} | {'yes' if s['same_top3'] else 'no'} | "
+                f"{s['kendall_tau']:.2f} | {s['solve_s']:.1f} |"
+            )
+    lines.append("")
+    for case, row in cap.items():
+        exact = row.get("exact", {})
+        if "exact" in exact:
+            lines.append(
+                f"- {case}: the reference at the best position ({exact['position']}) against exact float64 "
+                f"eigen-solves of its refined blocks: {exact['lanczos']:.8g} vs {exact['exact']:.8g}, relative error "
+                f"{exact['relative_error']:.1e}"
+            )
+        for label, p in row.get("products", {}).items():
+            lines.append(
+                f"- {case}, {label} (emulated on the CPU: inputs rounded, float32 accumulation): largest relative "
+                f"difference of a position's top eigenvalue to float32 products **{p['max_relative_difference']:.1e}** "
+                f"({'within' if p['max_relative_difference'] <= 1e-3 else 'OUTSIDE'} 1e-3)"
+            )
+    return lines
 
 
 def notes_for(results: dict) -> list[str]:
@@ -773,6 +1419,12 @@ def notes_for(results: dict) -> list[str]:
         slow = row["total_s"] >= TARGET_SECONDS_768 or row["peak_rss_mb"] >= TARGET_PEAK_GB_768 * 1024
         if row["d"] == 768 and slow:
             notes.append(f"d=768: {row['total_s']:.1f} s and {row['peak_rss_mb']:.0f} MB peak miss the target.")
+    if results.get("cpu_ratio") and results.get("ratio"):
+        notes.append(
+            "Part 1 times wall clocks with two threads: on a machine shared in bursts its ratios move with the load "
+            "(compare its per-repeat ratios); part 1b measures the same ratio by CPU time with one thread, before and "
+            "after, and is the comparison to trust here."
+        )
     load = max(results["machine"]["load_average_at_start"][0], results["load_average_at_end"][0])
     if load > (results["machine"]["cpu_count"] or 1):
         notes.append(
@@ -786,13 +1438,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small CI smoke run (under 2 minutes)")
     parser.add_argument("--repeats", type=int, default=None, help="timed passes per model in part 1")
-    parser.add_argument("--parts", default="ratio,solvers,position", help="comma-separated subset to run")
+    parser.add_argument("--parts", default="ratio,host,topo,cap,solvers,position", help="comma-separated subset to run")
     parser.add_argument("--output", type=Path, default=RESULTS, help="folder for scoring.md and scoring.json")
+    parser.add_argument("--name", default="scoring", help="file name (without extension) of the results")
+    parser.add_argument("--baseline", default=BASELINE_COMMIT, help="commit measured as 'before' in parts 2 and 3")
+    parser.add_argument(
+        "--update", action="store_true", help="replace only the parts run now in an existing results file"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--package-root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(position_worker(**spec)))
+        task = spec.pop("task", "position")
+        worker = {"position": position_worker, "host": host_worker, "topo": topo_worker, "ratio": ratio_worker}[task]
+        print(json.dumps(worker(**spec)))
         return
 
     begin = time.perf_counter()
@@ -804,6 +1464,21 @@ def main() -> None:
         count = 64 if quick else 256
         results["ratio"]["MiniLM-L6"] = measure_ratio("MiniLM-L6", minilm_case, count, 32, repeats, not quick)
         results["ratio"]["ViT-Tiny"] = measure_ratio("ViT-Tiny", vit_case, count, 32, repeats, not quick)
+    if "cpu_ratio" in parts:
+        count = 64 if quick else 256
+        variants = {"cpu_pair_memory=256 MiB": {"cpu_pair_memory": 256 * 2**20}}
+        results["cpu_ratio"] = measure_cpu_ratio([("minilm", count), ("vit_tiny", count)], args.baseline, variants)
+    if "host" in parts:
+        count = 64 if quick else 256
+        results["host"] = measure_host([("minilm", count), ("vit_tiny", count)], args.baseline)
+    if "topo" in parts:
+        cases = [("minilm", 64)] if quick else [("minilm", 128), ("vit_tiny", 128)]
+        results["topo"] = measure_topo(cases, args.baseline, 1 if quick else 2)
+    if "cap" in parts:
+        if quick:
+            results["cap"] = {"minilm": measure_cap("minilm", 64, 32, emulate=False)}
+        else:
+            results["cap"] = {"minilm": measure_cap("minilm", 256, 32), "vit_base": measure_cap("vit_base", 64, 16)}
     if "solvers" in parts:
         results["solvers"] = measure_solvers([16, 32] if quick else [16, 32, 64], 2048)
     if "position" in parts:
@@ -813,11 +1488,17 @@ def main() -> None:
             results["position"] = [run_position_case(384, 16384, "all"), run_position_case(768, 16384, "none")]
     results["load_average_at_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - begin
+    previous = args.output / f"{args.name}.json"
+    if args.update and previous.exists():  # keep the earlier run's other parts, replace those run now
+        earlier = json.loads(previous.read_text())
+        results = {**earlier, **{key: value for key, value in results.items() if key in parts}}
+        rerun = {"parts": sorted(parts), "machine": machine_info(), "wall_s": time.perf_counter() - begin}
+        results["rerun"] = [*earlier.get("rerun", []), rerun]
     results["notes"] = notes_for(results)
     args.output.mkdir(parents=True, exist_ok=True)
     report = render(results)
-    (args.output / "scoring.md").write_text(report)
-    (args.output / "scoring.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.output / f"{args.name}.md").write_text(report)
+    (args.output / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(report)
 
 
