@@ -4,6 +4,8 @@
                                                              # head/lora/topo, 20 test images per class
     python benchmarks/transfer.py                            # full: every method, 5 seeds (resumable)
     python benchmarks/transfer.py --recipe effnet_mnist      # one recipe
+    python benchmarks/transfer.py --frontier                 # accuracy against trainable budget at the smallest
+                                                             # size: benchmarks/transfer_frontier.py
 
 Recipes: minilm_topics (all-MiniLM-L6-v2 on chatterbot topics; 8, 16 per class), effnet_mnist (ImageNet
 EfficientNet-Lite0 on MNIST; 10, 50 per class), vit_digits (a small ViT pretrained on digits 0-4, transferred
@@ -110,7 +112,14 @@ def main(argv=None) -> dict[str, list[dict]]:
     parser.add_argument("--fresh", action="store_true", help="ignore (delete) the runs files of the chosen recipes")
     parser.add_argument("--output-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--frontier", action="store_true", help="the accuracy-budget frontier instead of the tables")
     args = parser.parse_args(argv)
+    if args.frontier:
+        from benchmarks import transfer_frontier
+
+        argv = ["--recipe", args.recipe, "--output-dir", args.output_dir]
+        argv += ["--seeds", *map(str, args.seeds)] if args.seeds else []
+        return transfer_frontier.main(argv + (["--threads", str(args.threads)] if args.threads else []))
     args.threads = args.threads or min(2, os.cpu_count() or 1)
     os.makedirs(args.output_dir, exist_ok=True)
     recipes = RECIPES if args.recipe == "all" else (args.recipe,)

@@ -17,13 +17,15 @@ from .budget import Budget, count_trainable, head_name
 from .training import AdaLoraAllocation
 
 # The levers of issue 9, each an option of the library: a head warm-up before scoring, cross-fitted scores, the
-# classifier's input as a candidate position, neurons allocated by value per parameter within the budget.
+# classifier's input as a candidate position, neurons allocated by value per parameter within the budget, and output
+# directions optimised on the calibration loss (METHOD.md's extension) instead of the eigenvectors.
 WARMUP_STEPS = 100  # on the captured head inputs: about as cheap as one forward pass over the calibration data
 LEVERS: dict[str, dict] = {
     "warmup": {"head_warmup_steps": WARMUP_STEPS},
     "crossfit": {"crossfit": True},
     "head_input": {"include_head": True},
     "budget": {"neuron_budget": True},  # the recipe's matched budget minus the head
+    "optimized": {"directions": "optimized"},  # output directions U fitted to the calibration loss, not eigenvectors
 }
 # The default combination, chosen on validation (benchmarks/results/transfer_levers.md).
 DEFAULT_LEVERS: tuple[str, ...] = ()

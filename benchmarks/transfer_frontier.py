@@ -1,0 +1,272 @@
+"""Accuracy against trainable budget at each recipe's smallest size: LoRA and AdaLoRA at ranks 1, 2, 4, 8, topo
+adapters (the default, one-shot) and topo adapters grown during fine-tuning at the matched budgets, head-only and
+full fine-tuning as reference lines, and the ablations at the r=2 budget (the paper's method without the levers, each
+default lever off in turn, random positions, random initialisation at the chosen positions).
+
+    python benchmarks/transfer_frontier.py --recipe vit_digits        # one recipe (resumable), then the report
+    python benchmarks/transfer_frontier.py --report-only              # rewrite the report from the runs files
+    python benchmarks/transfer.py --frontier                          # the same, every recipe
+
+Writes benchmarks/results/transfer_frontier.{md,json} and transfer_frontier_<recipe>.png; each run goes to
+transfer_frontier_<recipe>_runs.jsonl at once. Runs of the learning-rate grid and of the lever selection with the
+same settings (method, size, seed, epochs, learning rate, budget) are the same computation and are reused, not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import asdict, replace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(name, "1")
+
+from benchmarks.transfer_lr_grid import SMALLEST, recipe_task  # noqa: E402
+from recipes.experiment import load_runs, run_experiment  # noqa: E402
+from recipes.methods import DEFAULT_LEVERS, lr_for  # noqa: E402
+
+RECIPES = ("minilm_topics", "effnet_mnist", "vit_digits")
+RANKS = (1, 2, 4, 8)
+CURVES = ("lora", "adalora", "topo", "topo_grown")
+REFERENCE = ("head", "full")
+ABLATION_RANK = 2
+OUT = os.path.join(ROOT, "benchmarks", "results")
+GOAL_MARGIN = 0.02  # topo above LoRA by >= 2 points at the r=2 budget
+GOAL_TOLERANCE = 0.01  # and nowhere below it by more than 1 point
+
+
+def ablations() -> list[str]:
+    return [
+        "topo_paper",
+        *[f"topo_no_{lever}" for lever in DEFAULT_LEVERS],
+        "topo_random_positions",
+        "bottleneck_at_topo",
+    ]
+
+
+def lever_name(levers) -> str:
+    return "topo+" + "+".join(sorted(levers))
+
+
+def reuse_earlier_runs(recipe: str, output_dir: str, runs_file: str, lrs: dict) -> int:
+    """Copies into the frontier's runs file the runs of the lr grid and the lever selection that are this plan's runs
+    under another name (`topo+<default levers>` is `topo`, `topo+` is `topo_paper`). Returns how many."""
+    rename: dict[str, list[str]] = {lever_name(()): ["topo_paper"]}
+    rename.setdefault(lever_name(DEFAULT_LEVERS), []).append("topo")  # both, when no lever is on by default
+    have = load_runs(runs_file)
+    added = 0
+    for source in (f"transfer_lr_grid_{recipe}_runs.jsonl", f"transfer_levers_{recipe}_runs.jsonl"):
+        for result in load_runs(os.path.join(output_dir, source)).values():
+            for name in rename.get(result.method, [result.method]):
+                copy = replace(result, method=name)
+                same_rate = math.isclose(copy.lr, lr_for(name, lrs))
+                if name.startswith("topo+") or copy.key in have or not same_rate:
+                    continue
+                with open(runs_file, "a") as f:
+                    f.write(json.dumps(asdict(copy)) + "\n")
+                have[copy.key] = copy
+                added += 1
+    return added
+
+
+def run_recipe(recipe: str, seeds: list[int], threads: int, output_dir: str) -> None:
+    _, task, recipe_args = recipe_task(recipe, threads)
+    from recipes.cli import recipe_lrs, training_setup
+
+    setup = training_setup(recipe_args)
+    setup.progress = False
+    lrs = recipe_lrs(recipe_args)
+    runs_file = os.path.join(output_dir, f"transfer_frontier_{recipe}_runs.jsonl")
+    print(f"{recipe}: {reuse_earlier_runs(recipe, output_dir, runs_file, lrs)} runs reused from the grid and levers")
+    # the r=2 comparison first, then the ends of the frontier: an interrupted run has reported what matters most
+    plan = {rank: list(CURVES) for rank in sorted(RANKS, key=lambda r: (r != ABLATION_RANK, -r))}
+    plan[ABLATION_RANK] += ablations()
+    plan[recipe_args.lora_rank] = [*REFERENCE, *plan[recipe_args.lora_rank]]  # rank does not change them
+    for rank, methods in plan.items():
+        log = lambda line, r=rank: print(f"  {recipe} r={r}: {line}", flush=True)  # noqa: E731
+        run_experiment(
+            task, methods, [SMALLEST[recipe]], seeds, setup, lrs=lrs, lora_rank=rank,
+            num_adapters=recipe_args.num_adapters, test_per_class=recipe_args.test_per_class, output_dir=output_dir,
+            results_path=runs_file, resume=True, log=log,
+        )  # fmt: skip
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(recipe: str, output_dir: str) -> dict | None:
+    """Per (method, rank): accuracy mean/std over seeds, trainable mean, setup and epoch seconds; and the goal."""
+    runs_file = os.path.join(output_dir, f"transfer_frontier_{recipe}_runs.jsonl")
+    if not os.path.exists(runs_file):
+        return None
+    _, _, recipe_args = recipe_task(recipe, 1, load=False)
+    from recipes.cli import recipe_lrs
+
+    lrs = recipe_lrs(recipe_args)
+    groups: dict[tuple[str, int], list] = {}
+    for r in load_runs(runs_file).values():
+        if r.per_class != SMALLEST[recipe]:
+            continue
+        rank = r.lora_rank if r.method not in REFERENCE else 0
+        if math.isclose(r.lr, lr_for(r.method, lrs)):  # the rate chosen on validation, not the grid's others
+            groups.setdefault((r.method, rank), []).append(r)
+    rows = {}
+    for (method, rank), runs in groups.items():
+        mean, std = _stats([r.accuracy for r in runs])
+        rows[f"{method}@{rank}"] = {
+            "method": method, "rank": rank, "seeds": sorted(r.seed for r in runs), "accuracy_mean": mean,
+            "accuracy_std": std, "validation_mean": _stats([r.validation for r in runs])[0],
+            "trainable": round(statistics.fmean(r.trainable for r in runs)), "lr": runs[0].lr,
+            "setup_seconds": statistics.fmean(r.setup_seconds for r in runs),
+            "train_seconds_per_epoch": statistics.fmean(r.train_seconds_per_epoch for r in runs),
+            "positions": [r.positions for r in sorted(runs, key=lambda r: r.seed)],
+        }  # fmt: skip
+    return {"recipe": recipe, "per_class": SMALLEST[recipe], "rows": rows, "goal": goal(rows)}
+
+
+def goal(rows: dict) -> dict:
+    """Issue 9's goal per topo method: above LoRA at every rank, >= 2 points at r=2, never > 1 point below, seed
+    spread no larger than LoRA's, setup within 2 training epochs."""
+    out = {}
+    for method in ("topo", "topo_grown"):
+        margins, spreads, setup = {}, {}, []
+        for rank in RANKS:
+            ours, lora = rows.get(f"{method}@{rank}"), rows.get(f"lora@{rank}")
+            if ours is None or lora is None:
+                continue
+            margins[rank] = ours["accuracy_mean"] - lora["accuracy_mean"]
+            spreads[rank] = (ours["accuracy_std"], lora["accuracy_std"])
+            setup.append(ours["setup_seconds"] / max(ours["train_seconds_per_epoch"], 1e-9))
+        if not margins:
+            continue
+        out[method] = {
+            "margin_by_rank": margins,
+            "above_lora_everywhere": all(m > 0 for m in margins.values()),
+            "margin_at_r2_met": margins.get(ABLATION_RANK, -1) >= GOAL_MARGIN,
+            "never_worse_than_1_point": min(margins.values()) >= -GOAL_TOLERANCE,
+            "spread_no_larger": all(a <= b for a, b in spreads.values()),
+            "setup_in_epochs_max": max(setup),
+            "setup_within_2_epochs": max(setup) <= 2.0,
+        }
+    return out
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method, style in zip(CURVES, ("o-", "s--", "^-", "v-"), strict=True):
+        points = sorted((r["trainable"], r["accuracy_mean"], r["accuracy_std"]) for r in rows.values()
+                        if r["method"] == method)  # fmt: skip
+        if points:
+            xs, ys, es = zip(*points, strict=True)
+            ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=method)
+    for method, color in zip(REFERENCE, ("grey", "black"), strict=True):
+        row = rows.get(f"{method}@0")
+        if row:
+            ax.axhline(row["accuracy_mean"], color=color, ls=":", label=f"{method} ({row['trainable']:,} params)")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
+    ax.set_title(f"{summary['recipe']}, {summary['per_class']} per class")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cell(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    return f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} ({row['trainable']:,})"
+
+
+def report(recipes, output_dir: str) -> dict:
+    summaries = {r: s for r in recipes if (s := summarise(r, output_dir)) is not None}
+    lines = [
+        "# Accuracy against trainable budget",
+        "",
+        "At each recipe's smallest training size: test accuracy, mean ± std over seeds (trainable parameters in "
+        "brackets), of the checkpoint chosen on validation, tested once. Budgets are LoRA's at rank r (topo and "
+        f"AdaLoRA matched to it); topo is the default (levers: {', '.join(DEFAULT_LEVERS) or 'none'}), one-shot before "
+        "training; topo_grown starts from the head and grows one layer every 2 epochs at the best position of the "
+        "trained model. Learning rates per method were chosen on validation (transfer_lr_grid_<recipe>.md). "
+        "Regenerate with `python benchmarks/transfer.py --frontier`.",
+        "",
+    ]
+    for recipe, s in summaries.items():
+        rows = s["rows"]
+        seeds = sorted({seed for r in rows.values() for seed in r["seeds"]})
+        lines += [f"## {recipe} ({s['per_class']} per class, seeds {seeds})", ""]
+        lines += ["| method | " + " | ".join(f"r={r}" for r in RANKS) + " |", "|---|" + "---:|" * len(RANKS)]
+        for method in CURVES:
+            lines.append(f"| {method} | " + " | ".join(cell(rows.get(f"{method}@{r}")) for r in RANKS) + " |")
+        for method in REFERENCE:
+            lines.append(f"| {method} (reference) | {cell(rows.get(f'{method}@0'))} |" + " |" * (len(RANKS) - 1))
+        lines += ["", f"Ablations at the r={ABLATION_RANK} budget (validation accuracy beside test):", ""]
+        lines += ["| method | test accuracy | validation | setup s | train s/epoch |", "|---|---:|---:|---:|---:|"]
+        for method in ["topo", "topo_grown", "lora", *ablations()]:
+            row = rows.get(f"{method}@{ABLATION_RANK}")
+            if row:
+                lines.append(
+                    f"| {method} | {cell(row)} | {row['validation_mean']:.3f} | {row['setup_seconds']:.1f} | "
+                    f"{row['train_seconds_per_epoch']:.2f} |"
+                )
+        lines += ["", "Goal (issue 9), per topo method:", ""]
+        for method, g in s["goal"].items():
+            margins = ", ".join(f"r={r} {100 * m:+.1f}" for r, m in g["margin_by_rank"].items())
+            lines.append(
+                f"- {method}: points over LoRA {margins}; above LoRA at every rank: "
+                f"{'yes' if g['above_lora_everywhere'] else 'no'}; >= 2 points at r=2: "
+                f"{'yes' if g['margin_at_r2_met'] else 'no'}; never > 1 point below: "
+                f"{'yes' if g['never_worse_than_1_point'] else 'no'}; spread <= LoRA's at every rank: "
+                f"{'yes' if g['spread_no_larger'] else 'no'}; setup <= 2 epochs: "
+                f"{'yes' if g['setup_within_2_epochs'] else 'no'} (at most {g['setup_in_epochs_max']:.1f} epochs)"
+            )
+        png = f"transfer_frontier_{recipe}.png"
+        plot(s, os.path.join(output_dir, png))
+        lines += ["", f"![{recipe}]({png})", ""]
+    with open(os.path.join(output_dir, "transfer_frontier.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(output_dir, "transfer_frontier.json"), "w") as f:
+        json.dump(summaries, f, indent=1)
+    print("\n".join(lines))
+    return summaries
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=[*RECIPES, "all"], default="all")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output-dir", default=OUT)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    recipes = RECIPES if args.recipe == "all" else (args.recipe,)
+    if not args.report_only:
+        import datasets
+        import torch
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        torch.set_num_threads(args.threads)
+        for recipe in recipes:
+            run_recipe(recipe, args.seeds, args.threads, args.output_dir)
+    return report(RECIPES, args.output_dir)
+
+
+if __name__ == "__main__":
+    main()

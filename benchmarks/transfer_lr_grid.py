@@ -1,0 +1,135 @@
+"""Learning rates chosen on validation: every method of a recipe over a grid of learning rates at the smallest size,
+several seeds; the chosen rate is the one with the best mean validation accuracy (the test split plays no part).
+
+    python benchmarks/transfer_lr_grid.py --recipe vit_digits             # the recipe's grid, seeds 0 1 2
+    python benchmarks/transfer_lr_grid.py --recipe minilm_topics --methods topo lora --seeds 0 1
+
+Writes benchmarks/results/transfer_lr_grid_<recipe>.{md,json}; every run is appended to
+transfer_lr_grid_<recipe>_runs.jsonl at once and skipped when the grid is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(name, "1")
+
+from recipes.experiment import run_experiment  # noqa: E402
+
+GRIDS = {
+    "minilm_topics": {"head": [5e-3, 2e-2, 5e-2], "full": [5e-5, 1e-4, 2e-4], "peft": [2e-3, 5e-3, 1e-2, 2e-2]},
+    "effnet_mnist": {"head": [1e-2, 3e-2, 1e-1], "full": [1e-4, 3e-4, 1e-3], "peft": [1e-3, 3e-3, 1e-2, 3e-2]},
+    "vit_digits": {"head": [1e-2, 3e-2, 1e-1], "full": [3e-4, 1e-3, 3e-3], "peft": [3e-3, 1e-2, 3e-2, 1e-1]},
+}
+SMALLEST = {"minilm_topics": 8, "effnet_mnist": 10, "vit_digits": 10}
+DEFAULT_METHODS = ("head", "full", "lora", "adalora", "topo+")
+OUT = os.path.join(ROOT, "benchmarks", "results")
+
+
+def family(method: str) -> str:
+    return method if method in ("head", "full") else "peft"
+
+
+def recipe_task(recipe: str, threads: int, load: bool = True):
+    """The recipe's module, Task (None unless `load`) and default arguments."""
+    import importlib
+
+    module = importlib.import_module(f"recipes.{recipe}")
+    args = module.parse_args(["--threads", str(threads), "--no-progress"])
+    if not load:
+        return module, None, args
+    if recipe == "vit_digits":
+        task, _ = module.task(args, log=lambda _: None)
+    elif recipe == "minilm_topics":
+        task, _ = module.task(args)
+    else:
+        task = module.task(args)
+    return module, task, args
+
+
+def choose(results, methods) -> dict[str, dict]:
+    """Per method: mean and std of validation accuracy per lr, and the lr with the best mean."""
+    table = {}
+    for method in methods:
+        by_lr: dict[float, list[float]] = {}
+        for r in results:
+            if r.method == method:
+                by_lr.setdefault(r.lr, []).append(r.validation)
+        if not by_lr:
+            continue
+        rows = {
+            lr: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+            for lr, v in sorted(by_lr.items())
+        }
+        table[method] = {"rows": rows, "best": max(rows, key=lambda lr: rows[lr][0])}
+    return table
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=list(GRIDS), required=True)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="override the grid for every method")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--output-dir", default=OUT)
+    args = parser.parse_args(argv)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    module, task, recipe_args = recipe_task(args.recipe, args.threads)
+    from recipes.cli import training_setup
+
+    setup = training_setup(recipe_args)
+    setup.progress = False
+    stem = os.path.join(args.output_dir, f"transfer_lr_grid_{args.recipe}")
+    results = []
+    for method in args.methods:
+        for lr in args.lrs or GRIDS[args.recipe][family(method)]:
+            results += run_experiment(
+                task, [method], [SMALLEST[args.recipe]], args.seeds, setup, lrs={method: lr},
+                lora_rank=recipe_args.lora_rank, num_adapters=recipe_args.num_adapters,
+                test_per_class=recipe_args.test_per_class, output_dir=args.output_dir,
+                results_path=f"{stem}_runs.jsonl", resume=True, log=lambda _: None,
+            )  # fmt: skip
+    table = choose(results, args.methods)
+    lines = [
+        f"# Learning rates for {args.recipe}, chosen on validation",
+        "",
+        f"{SMALLEST[args.recipe]} examples per class to train and as many to validate, seeds {args.seeds}, "
+        f"{setup.epochs} epochs with the recipe's Trainer settings; mean ± std of the best-epoch validation "
+        f"accuracy per learning rate (the test split is not looked at). Regenerate with "
+        f"`python benchmarks/transfer_lr_grid.py --recipe {args.recipe}`.",
+        "",
+        "| method | lr | validation accuracy | seeds | chosen |",
+        "|---|---:|---:|---:|:---:|",
+    ]
+    for method, entry in table.items():
+        for lr, (mean, std, n) in entry["rows"].items():
+            lines.append(
+                f"| {method} | {lr:g} | {mean:.4f} ± {std:.4f} | {n} | {'yes' if lr == entry['best'] else ''} |"
+            )
+    with open(f"{stem}.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    chosen = {method: entry["best"] for method, entry in table.items()}
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"chosen": chosen, "table": {m: {str(k): v for k, v in e["rows"].items()} for m, e in table.items()}},
+                  f, indent=2)  # fmt: skip
+    print("\n".join(lines))
+    return chosen
+
+
+if __name__ == "__main__":
+    main()

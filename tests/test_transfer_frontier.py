@@ -1,0 +1,84 @@
+"""benchmarks/transfer_frontier.py's bookkeeping, on synthetic runs (no training): runs of the lr grid and the lever
+selection are reused under their frontier names only at the chosen rates, the summary keeps the chosen rate, the
+goal of issue 9 is judged per rank, and the report and plots are written."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import transfer_frontier as tf  # noqa: E402
+from recipes.experiment import RunResult, load_runs  # noqa: E402
+from recipes.methods import DEFAULT_LEVERS, lr_for  # noqa: E402
+
+RECIPE = "vit_digits"
+SIZE = tf.SMALLEST[RECIPE]
+
+
+@pytest.fixture()
+def lrs():
+    _, _, args = tf.recipe_task(RECIPE, 1, load=False)
+    from recipes.cli import recipe_lrs
+
+    return recipe_lrs(args)
+
+
+def run(method, seed, rank, accuracy, lr, trainable=1000, setup=1.0, epoch=1.0) -> RunResult:
+    return RunResult(
+        method, SIZE, seed, accuracy, trainable, 0.0, lr, 10, epoch, setup, 0.01, "", [], lora_rank=rank,
+        validation=accuracy,
+    )  # fmt: skip
+
+
+def write(path, runs) -> None:
+    with open(path, "w") as f:
+        for r in runs:
+            f.write(json.dumps(asdict(r)) + "\n")
+
+
+def test_reuse_renames_lever_runs_and_skips_other_rates(tmp_path, lrs):
+    topo_lr, lora_lr = lr_for("topo", lrs), lr_for("lora", lrs)
+    write(tmp_path / f"transfer_lr_grid_{RECIPE}_runs.jsonl",
+          [run("lora", 0, 2, 0.6, lora_lr), run("lora", 0, 2, 0.1, lora_lr * 10)])  # fmt: skip
+    default = "topo+" + "+".join(sorted(DEFAULT_LEVERS))
+    write(tmp_path / f"transfer_levers_{RECIPE}_runs.jsonl",
+          [run(default, 0, 2, 0.7, topo_lr), run("topo+", 0, 2, 0.5, topo_lr), run("topo+zzz", 0, 2, 0.5, topo_lr)])
+
+    runs_file = tmp_path / f"transfer_frontier_{RECIPE}_runs.jsonl"
+    added = tf.reuse_earlier_runs(RECIPE, str(tmp_path), str(runs_file), lrs)
+    methods = sorted((r.method, r.lr) for r in load_runs(str(runs_file)).values())
+    expected = sorted([("lora", lora_lr), ("topo", topo_lr), ("topo_paper", topo_lr)])
+    assert methods == expected and added == len(expected)
+    assert tf.reuse_earlier_runs(RECIPE, str(tmp_path), str(runs_file), lrs) == 0  # nothing twice
+
+
+def test_goal_and_report(tmp_path, lrs):
+    runs = []
+    for seed in range(3):
+        for rank in tf.RANKS:
+            runs.append(run("lora", seed, rank, 0.60 + 0.01 * rank + 0.01 * seed, lr_for("lora", lrs), 500 * rank))
+            runs.append(run("topo", seed, rank, 0.65 + 0.01 * rank, lr_for("topo", lrs), 510 * rank, setup=1.5))
+            runs.append(run("topo", seed, rank, 0.1, lr_for("topo", lrs) / 10))  # another rate: not the frontier's
+        runs.append(run("head", seed, 1, 0.5, lr_for("head", lrs), 100))
+    write(tmp_path / f"transfer_frontier_{RECIPE}_runs.jsonl", runs)
+    summary = tf.summarise(RECIPE, str(tmp_path))
+    rows = summary["rows"]
+    assert rows["topo@2"]["accuracy_mean"] == pytest.approx(0.67) and rows["topo@2"]["seeds"] == [0, 1, 2]
+    assert rows["lora@2"]["accuracy_mean"] == pytest.approx(0.63) and rows["head@0"]["trainable"] == 100
+    goal = summary["goal"]["topo"]
+    assert goal["margin_by_rank"][2] == pytest.approx(0.04) and goal["margin_at_r2_met"]
+    assert goal["above_lora_everywhere"] and goal["never_worse_than_1_point"]
+    assert goal["spread_no_larger"]  # 0 against LoRA's 0.01
+    assert goal["setup_in_epochs_max"] == pytest.approx(1.5) and goal["setup_within_2_epochs"]
+    tf.report([RECIPE], str(tmp_path))
+    text = (tmp_path / "transfer_frontier.md").read_text()
+    assert "| topo | 0.660 ± 0.000 (510) |" in text and "head (reference)" in text
+    assert (tmp_path / f"transfer_frontier_{RECIPE}.png").stat().st_size > 0
+    assert json.loads((tmp_path / "transfer_frontier.json").read_text())[RECIPE]["per_class"] == SIZE
