@@ -36,6 +36,8 @@ RANKS = (1, 2, 4, 8)
 CURVES = ("lora", "adalora", "topo", "topo_grown")
 REFERENCE = ("head", "full")
 ABLATION_RANK = 2
+# Methods whose options follow DEFAULT_LEVERS: an earlier file's run of them may have had other defaults.
+TOPO_BY_DEFAULTS = ("topo", "topo_grown", "topo_random_positions", "topo_last_blocks", "bottleneck_at_topo")
 OUT = os.path.join(ROOT, "benchmarks", "results")
 GOAL_MARGIN = 0.02  # topo above LoRA by >= 2 points at the r=2 budget
 GOAL_TOLERANCE = 0.01  # and nowhere below it by more than 1 point
@@ -44,7 +46,7 @@ GOAL_TOLERANCE = 0.01  # and nowhere below it by more than 1 point
 def ablations() -> list[str]:
     return [
         "topo_paper",
-        *[f"topo_no_{lever}" for lever in DEFAULT_LEVERS],
+        *[f"topo_no_{lever}" for lever in DEFAULT_LEVERS if len(DEFAULT_LEVERS) > 1],  # one lever: topo_paper
         "topo_random_positions",
         "bottleneck_at_topo",
     ]
@@ -63,6 +65,8 @@ def reuse_earlier_runs(recipe: str, output_dir: str, runs_file: str, lrs: dict) 
     added = 0
     for source in (f"transfer_lr_grid_{recipe}_runs.jsonl", f"transfer_levers_{recipe}_runs.jsonl"):
         for result in load_runs(os.path.join(output_dir, source)).values():
+            if result.method in TOPO_BY_DEFAULTS:  # what they meant depended on the defaults of their day
+                continue
             for name in rename.get(result.method, [result.method]):
                 copy = replace(result, method=name)
                 same_rate = math.isclose(copy.lr, lr_for(name, lrs))
@@ -75,7 +79,7 @@ def reuse_earlier_runs(recipe: str, output_dir: str, runs_file: str, lrs: dict) 
     return added
 
 
-def run_recipe(recipe: str, seeds: list[int], threads: int, output_dir: str) -> None:
+def run_recipe(recipe: str, seeds: list[int], threads: int, output_dir: str, only: list[str] | None = None) -> None:
     _, task, recipe_args = recipe_task(recipe, threads)
     from recipes.cli import recipe_lrs, training_setup
 
@@ -89,6 +93,9 @@ def run_recipe(recipe: str, seeds: list[int], threads: int, output_dir: str) -> 
     plan[ABLATION_RANK] += ablations()
     plan[recipe_args.lora_rank] = [*REFERENCE, *plan[recipe_args.lora_rank]]  # rank does not change them
     for rank, methods in plan.items():
+        methods = [m for m in methods if only is None or m in only]
+        if not methods:
+            continue
         log = lambda line, r=rank: print(f"  {recipe} r={r}: {line}", flush=True)  # noqa: E731
         run_experiment(
             task, methods, [SMALLEST[recipe]], seeds, setup, lrs=lrs, lora_rank=rank,
@@ -253,6 +260,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", default=OUT)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--only", nargs="+", help="run only these methods of the plan (e.g. the baselines first)")
     args = parser.parse_args(argv)
     recipes = RECIPES if args.recipe == "all" else (args.recipe,)
     if not args.report_only:
@@ -264,7 +272,7 @@ def main(argv=None) -> dict:
         transformers.utils.logging.disable_progress_bar()
         torch.set_num_threads(args.threads)
         for recipe in recipes:
-            run_recipe(recipe, args.seeds, args.threads, args.output_dir)
+            run_recipe(recipe, args.seeds, args.threads, args.output_dir, args.only)
     return report(RECIPES, args.output_dir)
 
 

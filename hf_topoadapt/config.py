@@ -268,6 +268,12 @@ INITS = ("eigen", "random")
 @dataclass
 class _TopoAdapterFields:
     num_adapters: int = field(default=1, metadata={"help": "How many layers to insert: at the top-k ranked positions."})
+    # Adapters default to optimised output directions: chosen on validation over the paper's coordinate axes and the
+    # other levers (benchmarks/results/transfer_levers.md); ScoringConfig (insert_layer, growth) keeps the paper's.
+    directions: str = field(
+        default="optimized",
+        metadata={"help": "'optimized' (default): METHOD.md section 5; 'coordinate': the paper's layer (output axes)."},
+    )
     train_up: bool = field(
         default=False,
         metadata={"help": "Train the output directions U too (a superset of the paper, which keeps them fixed)."},

@@ -28,7 +28,7 @@ LEVERS: dict[str, dict] = {
     "optimized": {"directions": "optimized"},  # output directions U fitted to the calibration loss, not eigenvectors
 }
 # The default combination, chosen on validation (benchmarks/results/transfer_levers.md).
-DEFAULT_LEVERS: tuple[str, ...] = ()
+DEFAULT_LEVERS: tuple[str, ...] = ("optimized",)
 
 
 def topo_options(levers) -> dict:
@@ -273,7 +273,8 @@ def _topo(model, calibration, head, seed, neurons, init, options) -> Built:
     if config.init == "random" or not chosen:
         chosen = list(config.target_modules)
     shapes = config.adapter_shapes or {}
-    note = f"{config.init} init, neurons {[shape['neurons'] for shape in shapes.values()]}"
+    directions = f" ({config.directions} directions)" if config.init == "eigen" else ""
+    note = f"{config.init} init{directions}, neurons {[shape['neurons'] for shape in shapes.values()]}"
     if wrapped.topo_report and config.init == "eigen":
         accepted = [i for i in wrapped.topo_report.insertions if i["accepted"]]
         note += ", eps " + " ".join(f"{i['eps']:.3g}" for i in accepted)

@@ -49,7 +49,8 @@ def test_reuse_renames_lever_runs_and_skips_other_rates(tmp_path, lrs):
           [run("lora", 0, 2, 0.6, lora_lr), run("lora", 0, 2, 0.1, lora_lr * 10)])  # fmt: skip
     default = "topo+" + "+".join(sorted(DEFAULT_LEVERS))
     write(tmp_path / f"transfer_levers_{RECIPE}_runs.jsonl",
-          [run(default, 0, 2, 0.7, topo_lr), run("topo+", 0, 2, 0.5, topo_lr), run("topo+zzz", 0, 2, 0.5, topo_lr)])
+          [run(default, 0, 2, 0.7, topo_lr), run("topo+", 0, 2, 0.5, topo_lr), run("topo+zzz", 0, 2, 0.5, topo_lr),
+           run("topo", 1, 2, 0.5, topo_lr)])  # "topo" of an earlier day: its defaults may have differed
 
     runs_file = tmp_path / f"transfer_frontier_{RECIPE}_runs.jsonl"
     added = tf.reuse_earlier_runs(RECIPE, str(tmp_path), str(runs_file), lrs)

@@ -395,8 +395,9 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--directions",
         choices=DIRECTIONS,
-        default="coordinate",
-        help="'coordinate': the paper's layer; 'optimized': learned output directions (default: %(default)s)",
+        default="optimized",
+        help="'optimized': output directions fitted to the calibration loss (chosen on validation); 'coordinate': "
+        "the paper's layer (default: %(default)s)",
     )
     group.add_argument("--solver", choices=SOLVERS, default="auto", help="eigen-solver (default: %(default)s)")
     parser.add_argument(
