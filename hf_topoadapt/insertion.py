@@ -4,6 +4,7 @@ line-searched step that lowers the calibration loss (METHOD.md section 4)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -106,33 +107,38 @@ def insert_layer(
             "lowers the loss to second order here"
         )
         return record
-    directions = plan_directions(score, config)
-    adapter = TopoAdapter(
-        score.width,
-        directions.num_neurons,
-        score.layout,
-        config.kernel_size,
-        config.activation,
-        **factory_kwargs(model),
-    )
-    record.num_neurons, record.gain = directions.num_neurons, directions.value
-    if directions.kind == "coordinate":
-        record.rows = directions.rows
-
+    plans = [plan_directions(score, config)]
+    if plans[0].kind != "coordinate":  # optimised directions can miss where the paper's layer still lowers the loss
+        plans.append(plan_directions(score, dataclasses.replace(config, directions="coordinate")))
     base_loss = scored.loss
-    with scoring_mode(model, config.eval_mode):
-        trials = TrialLosses(model, batches, loss_fn, tap, adapter, directions, prefix_modules(model, tap, config))
-        # Step k = 0: the one whose predicted decrease is line_search_start of the loss.
-        start = (2.0 * config.line_search_start * max(abs(base_loss), 1e-12) / directions.value) ** 0.5
-        first = FIRST_STEP if first_step is None else first_step
-        result = line_search(
-            trials, base_loss, start, config.line_search_growth, config.line_search_steps, patience=1, first=first
+    for directions in plans:
+        adapter = TopoAdapter(
+            score.width,
+            directions.num_neurons,
+            score.layout,
+            config.kernel_size,
+            config.activation,
+            **factory_kwargs(model),
         )
-    record.loss_before, record.line_search = base_loss, result.trials
-    record.line_search_step = result.step
-    record.replayed = trials.replayed
+        record.directions, record.num_neurons, record.gain = directions.kind, directions.num_neurons, directions.value
+        record.rows = directions.rows if directions.kind == "coordinate" else []
+        with scoring_mode(model, config.eval_mode):
+            prefix = prefix_modules(model, tap, config)
+            trials = TrialLosses(model, batches, loss_fn, tap, adapter, directions, prefix)
+            # Step k = 0: the one whose predicted decrease is line_search_start of the loss.
+            start = (2.0 * config.line_search_start * max(abs(base_loss), 1e-12) / directions.value) ** 0.5
+            first = FIRST_STEP if first_step is None else first_step
+            result = line_search(
+                trials, base_loss, start, config.line_search_growth, config.line_search_steps, patience=1, first=first
+            )
+        record.loss_before, record.line_search = base_loss, result.trials
+        record.line_search_step = result.step
+        record.replayed = trials.replayed
+        if result.accepted:
+            break
     if not result.accepted:
-        record.reason = "no step of the line search lowered the calibration loss"
+        tried = " or ".join(f"{plan.kind} directions" for plan in plans)
+        record.reason = f"no step of the line search lowered the calibration loss (with {tried})"
         return record
     adapter.set_directions(directions, result.eps)
     attach(tap, adapter)

@@ -32,8 +32,9 @@ DEFAULT_LEVERS: tuple[str, ...] = ("optimized",)
 
 
 def topo_options(levers) -> dict:
-    """TopoAdapterConfig options of a lever set; a lever not in it is off."""
-    options = {"include_head": False}
+    """TopoAdapterConfig options of a lever set; a lever not in it is off (explicitly: the library's own defaults
+    are the chosen levers)."""
+    options = {"include_head": False, "directions": "coordinate"}
     for lever in levers:
         if lever not in LEVERS:
             raise ValueError(f"unknown lever {lever!r}; known: {list(LEVERS)}")

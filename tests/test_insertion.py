@@ -502,3 +502,28 @@ def test_optimized_directions_raise_the_value_on_a_transformer(scored):
     for score in scores:
         directions = plan_directions(score, config)
         assert directions.values[0] > 2.0 * score.eigenvalue
+
+
+def test_optimized_directions_that_lower_no_loss_fall_back_to_the_papers_layer(monkeypatch):
+    """A layer with optimised directions whose line search lowers no loss is replaced by the coordinate layer at the
+    same position (the record says which was inserted); when neither helps, the reason names both."""
+    import hf_topoadapt.insertion as insertion
+
+    def useless(operator, spectrum, num_neurons, iterations):  # output columns of zero: the layer does nothing
+        down = torch.zeros(num_neurons, operator.num_features, dtype=spectrum.vectors.dtype)
+        up = torch.zeros(operator.num_outputs, num_neurons, dtype=spectrum.vectors.dtype)
+        return Directions(down, up, torch.ones(num_neurons, dtype=down.dtype), "optimized")
+
+    monkeypatch.setattr(insertion, "optimized_directions", useless)
+    model, batches, loss_fn, _, _ = build("residual_mlp")
+    twin = copy.deepcopy(model)
+    record = insert_layer(model, batches, ScoringConfig(directions="optimized"), loss_fn)
+    paper = insert_layer(twin, batches, ScoringConfig(directions="coordinate"), loss_fn)
+    assert record.accepted and record.directions == "coordinate"
+    assert (record.position, record.eps, record.loss_after) == (paper.position, paper.eps, paper.loss_after)
+    assert loss_of(model, batches, loss_fn) == pytest.approx(record.loss_after, rel=1e-12, abs=1e-14)
+
+    monkeypatch.setattr(insertion, "line_search", lambda trials, base, *a, **k: line_search(
+        lambda eps: base + 1.0, base, *a, **k))  # fmt: skip
+    refused = insert_layer(copy.deepcopy(twin), batches, ScoringConfig(directions="optimized"), loss_fn)
+    assert not refused.accepted and "optimized directions or coordinate directions" in refused.reason

@@ -413,3 +413,23 @@ def test_topo_grown_adds_layers_during_training_up_to_the_budget(tokenizer, tmp_
     assert f"grown every {GROW_EVERY} epochs: epochs [{GROW_EVERY:.1f}, {2 * GROW_EVERY:.1f}]" in result.note
     assert abs(result.budget_gap) <= 0.10 and result.setup_seconds > 0
     assert len(result.curves) == 2 * GROW_EVERY + 1
+
+
+def test_topo_paper_is_the_papers_layer_whatever_the_library_defaults(tokenizer):
+    """Levers that are off are set explicitly: topo_paper keeps coordinate directions although TopoAdapterConfig's
+    default became the chosen lever (optimised directions), and topo follows the chosen levers."""
+    import hf_topoadapt as hta
+    from recipes.methods import DEFAULT_LEVERS
+
+    task = tiny_task(tokenizer, 5)
+    splits = task.preprocess(few_shot_splits(task.source, 2, seed=0))
+    batches = calibration_batches(splits["train"], task.collator, 3, 0, "cpu")
+    directions = {}
+    for method in ("topo_paper", "topo"):
+        torch.manual_seed(0)
+        model = tiny_bert()
+        budget = match_budget(model, lora_rank=1, num_adapters=1, lora_targets=("query", "value"), batch=batches[0])
+        built = build_method(method, model, batches, budget, total_steps=20, seed=0)
+        directions[method] = built.model.peft_config["default"].directions
+    assert hta.TopoAdapterConfig().directions == "optimized" and "optimized" in DEFAULT_LEVERS
+    assert directions == {"topo_paper": "coordinate", "topo": "optimized"}
