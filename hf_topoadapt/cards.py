@@ -5,6 +5,7 @@ metadata through huggingface_hub's `ModelCardData` (base_model, library_name: pe
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from importlib import resources
 
@@ -41,6 +42,13 @@ def auto_class(model: nn.Module | None) -> tuple[str | None, str | None, str]:
     return None, None, ""
 
 
+def hub_model_id(name: str | None) -> str | None:
+    """`name` when it can be a Hub id; None for a local file or folder (the Hub rejects a path in the metadata)."""
+    if not name or os.path.isabs(name) or name.startswith((".", "~")) or os.path.isdir(name) or name.count("/") > 1:
+        return None
+    return name
+
+
 def load_base_snippet(base_model: str, model: nn.Module | None) -> str:
     auto, _, extra = auto_class(model)
     if auto is not None:
@@ -75,17 +83,18 @@ def render_model_card(
         subfolder: the adapter's subfolder inside the repo (adapters other than "default").
     """
     base = config.base_model_name_or_path or "unknown base model"
+    hub_base = hub_model_id(config.base_model_name_or_path)
     _, pipeline, _ = auto_class(model)
     tags = list(TAGS)
-    if config.base_model_name_or_path:
-        tags.append(f"base_model:adapter:{config.base_model_name_or_path}")
+    if hub_base:
+        tags.append(f"base_model:adapter:{hub_base}")
     metrics = sorted({r.metric_type for r in results or []}) or None
     card_data = ModelCardData(
-        base_model=config.base_model_name_or_path or None,
+        base_model=hub_base,
         library_name="peft",
         pipeline_tag=pipeline,
         tags=tags,
-        datasets=list(datasets) if datasets else None,
+        datasets=[d for d in datasets or [] if hub_model_id(d) and not os.path.exists(d)] or None,  # Hub ids only
         metrics=metrics,
         model_name=adapter_id.rstrip("/").split("/")[-1] if results else None,
         eval_results=list(results) if results else None,

@@ -309,7 +309,9 @@ def test_command_line_with_local_model_folder_and_csv_saves_a_hub_folder(tokeniz
     config = json.loads((save / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tmp_path / "model")
     card = ModelCard.load(save / "README.md")
-    assert card.data.library_name == "peft" and card.data.base_model == str(tmp_path / "model")
+    # a local base or data file is named in the card's text; the Hub metadata takes only Hub ids
+    assert card.data.library_name == "peft" and card.data.base_model is None and card.data.datasets is None
+    assert str(tmp_path / "model") in card.text
     result = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
     assert {(e.metric_type, e.metric_value) for e in card.data.eval_results} == {
         (name, round(result["test_metrics"][name], 4)) for name in ("accuracy", "macro_f1")
