@@ -96,7 +96,14 @@ def test_get_topo_model_under_autocast():
     model = model.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         adapted = hta.get_topo_model(model, hta.TopoAdapterConfig(num_adapters=2, line_search_steps=4), batches)
-    assert len(adapted.topo_report.chosen) == 2
+    # bf16 losses are coarse: a later layer whose decrease they cannot resolve is refused, with the reason
+    insertions = adapted.topo_report.insertions
+    assert adapted.topo_report.chosen and insertions[0]["accepted"]
+    for record in insertions:
+        if record["accepted"]:
+            assert record["loss_after"] < record["loss_before"]
+        else:
+            assert record["reason"].startswith("no step of the line search lowered the calibration loss")
 
 
 def test_tf32_eigenvalues_are_remeasured_in_full_precision():
