@@ -34,7 +34,7 @@ for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 from recipes.cards import write_recipe_card  # noqa: E402
 from recipes.cli import method_name  # noqa: E402
-from recipes.methods import METHODS  # noqa: E402
+from recipes.methods import METHODS, TOPO_FAMILY  # noqa: E402
 from recipes.results import markdown_table, write_results  # noqa: E402
 
 RECIPES = ("minilm_topics", "effnet_mnist", "vit_digits")
@@ -42,7 +42,7 @@ SIZES = {"minilm_topics": [8, 16], "effnet_mnist": [10, 50], "vit_digits": [10, 
 FULL = {"seeds": [0, 1, 2, 3, 4], "methods": list(METHODS), "test_per_class": 100}
 QUICK = {"seeds": [0], "methods": ["head", "lora", "topo"], "test_per_class": 20}
 CARDS = os.path.join(ROOT, "model_cards")
-TOPO_ADAPTERS = ("topo", "topo_optimized")
+TOPO_ADAPTERS = tuple(m for m in TOPO_FAMILY if m != "bottleneck_at_topo")  # eigen-initialised topo layers
 LR_GRIDS = {
     "minilm_topics": "best of a grid on seed 0, 8 per class: transfer_lr_grid.md",
     "effnet_mnist": "best of a grid on seed 0, 10 per class: transfer_lr_grid_effnet_mnist.md",

@@ -47,8 +47,11 @@ def topo_options(levers) -> dict:
 TOPO_VARIANTS: dict[str, dict] = {
     "topo": topo_options(DEFAULT_LEVERS),
     "topo_paper": topo_options(()),  # none of the levers: the paper's layer at the top-k eigenvalues
-    **{f"topo_no_{lever}": topo_options(set(DEFAULT_LEVERS) - {lever}) for lever in DEFAULT_LEVERS},
-    "topo_optimized": {**topo_options(DEFAULT_LEVERS), "directions": "optimized"},
+    **{  # with one default lever, switching it off is topo_paper
+        f"topo_no_{lever}": topo_options(set(DEFAULT_LEVERS) - {lever})
+        for lever in DEFAULT_LEVERS
+        if len(DEFAULT_LEVERS) > 1
+    },
     "topo_head_input_only": {**topo_options(DEFAULT_LEVERS), "positions": "fixed", "fixed": ["head_input"]},
     "bottleneck_at_topo": {**topo_options(DEFAULT_LEVERS), "positions": "topo", "init": "random"},
     "topo_random_positions": {**topo_options(DEFAULT_LEVERS), "positions": "random"},
