@@ -445,3 +445,30 @@ def test_two_processes_grow_identically_in_a_plain_loop_and_under_the_trainer(tm
         for name, values in ranks[0]["parameters"].items():
             assert values == pytest.approx(ranks[1]["parameters"][name], abs=1e-7), (mode, name)
         assert ranks[0]["head"] != pytest.approx(ranks[0]["head_at_start"], abs=1e-4), mode  # it trained
+
+
+@pytest.mark.parametrize("precision", ["bf16 weights", "fp32 under autocast"])
+def test_growth_of_a_topo_model_in_bf16_and_under_autocast(precision):
+    """A grown layer of a bf16 TopoModel computes and returns bf16 (its weights stay in the adapter's dtype), and an
+    fp32 model grows under CPU autocast: the grown model trains (a step lowers the loss) in both."""
+    base, batches, *_ = models.hf_bert(0)
+    base = base.to(torch.bfloat16) if precision == "bf16 weights" else base.float()
+    model = head_only_topo_model(base, hta.TopoAdapterConfig(modules_to_save=["classifier"], line_search_steps=4))
+    grower = TopoModelGrower(model, GrowthConfig(schedule=[1], max_insertions=1, calibration_batches=None))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "bf16 weights")
+    with autocast:
+        entry = grower.grow_now(batches)
+    assert entry["accepted"], entry["reason"]
+    (layer,) = [m for m in model.modules() if isinstance(m, TopoLayer)]
+    assert layer.topo_down["default"].weight.requires_grad
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(2):
+        with autocast:
+            out = model(**batches[0])
+        assert out.logits.dtype == torch.bfloat16
+        losses.append(float(out.loss))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[1] < losses[0]
