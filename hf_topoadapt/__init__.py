@@ -12,6 +12,7 @@ from .insertion import InsertionRecord, insert_layer  # noqa: E402
 from .layers import TopoAdapter  # noqa: E402
 from .locate import PositionsNotFoundError  # noqa: E402
 from .model import TopoModel, get_topo_model  # noqa: E402
+from .optimizers import create_topo_optimizer  # noqa: E402
 from .peft_registry import register as _register_with_peft  # noqa: E402
 from .report import TopoReport  # noqa: E402
 from .scoring import PositionScore, score_positions  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "TopoModel",
     "TopoReport",
     "check_activation",
+    "create_topo_optimizer",
     "get_topo_model",
     "growth",
     "insert_layer",

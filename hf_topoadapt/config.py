@@ -129,6 +129,14 @@ class ScoringConfig:
         default=8,
         metadata={"help": "Steps per sign (the last one predicts a decrease ~16x the loss, far past the model)."},
     )
+    step_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "The inserted layer takes this fraction of the line-searched step eps (1: the paper's step). "
+            "The line search minimises the calibration loss, which on a few dozen examples is the training loss: "
+            "a smaller step leaves more of the fit to training."
+        },
+    )
     compute_dtype: torch.dtype | str | None = field(
         default=None,
         metadata={"help": "dtype of the numerics: None is float64 for a float64 model and float32 otherwise."},
@@ -214,6 +222,12 @@ class ScoringConfig:
         for name in ("line_search_start", "line_search_growth"):
             setattr(self, name, check_real(name, getattr(self, name)))
         self.line_search_steps = check_whole("line_search_steps", self.line_search_steps, 1)
+        self.step_scale = check_real("step_scale", self.step_scale, 0.0, strict=True, why=" (1: the line search's step)")
+        if self.step_scale > 1.0:
+            raise ValueError(
+                f"step_scale must be in (0, 1]: a fraction of the step that minimised the calibration loss, got "
+                f"{self.step_scale}"
+            )
         if self.line_search_start <= 0 or self.line_search_growth <= 1:
             raise ValueError(
                 "line search needs line_search_start > 0, line_search_growth > 1 and line_search_steps >= 1; got "

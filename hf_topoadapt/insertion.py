@@ -16,7 +16,7 @@ from .layers import TopoAdapter, attach, attached, factory_kwargs
 from .locate import PositionsNotFoundError, find_block_list
 from .scoring import PositionScore, ScoringRound, score_round, scoring_mode
 from .sensitivity.directions import Directions, coordinate_directions, optimized_directions
-from .sensitivity.line_search import line_search
+from .sensitivity.line_search import LineSearchResult, line_search
 from .sensitivity.objective import LossFn, materialize, mean_loss
 from .sensitivity.replay import PrefixReplay
 
@@ -131,6 +131,8 @@ def insert_layer(
             result = line_search(
                 trials, base_loss, start, config.line_search_growth, config.line_search_steps, patience=1, first=first
             )
+            if result.accepted and config.step_scale != 1.0:
+                result = _scaled_step(result, trials, config.step_scale)
         record.loss_before, record.line_search = base_loss, result.trials
         record.line_search_step = result.step
         record.replayed = trials.replayed
@@ -139,6 +141,8 @@ def insert_layer(
     if not result.accepted:
         tried = " or ".join(f"{plan.kind} directions" for plan in plans)
         record.reason = f"no step of the line search lowered the calibration loss (with {tried})"
+        if config.step_scale != 1.0:
+            record.reason += f" once scaled by step_scale={config.step_scale:g}"
         return record
     adapter.set_directions(directions, result.eps)
     attach(tap, adapter)
@@ -147,6 +151,21 @@ def insert_layer(
     record.measured_decrease = base_loss - result.loss
     record.adapter = adapter
     return record
+
+
+def _scaled_step(result: LineSearchResult, trials: TrialLosses, scale: float) -> LineSearchResult:
+    """The line search's result moved to `scale` times its step, with the calibration loss measured there (one more
+    pass); rejected when that loss is not below the base loss."""
+    eps = scale * result.eps
+    loss = trials(eps)
+    accepted = loss < result.base_loss
+    return dataclasses.replace(
+        result,
+        eps=eps if accepted else 0.0,
+        loss=loss if accepted else result.base_loss,
+        accepted=accepted,
+        trials=[*result.trials, (eps, loss)],
+    )
 
 
 # Where the line search starts: eps predicting a decrease of 16 * line_search_start of the loss (1.6% by

@@ -175,7 +175,10 @@ def run_one(
     budget = match_budget(model, lora_rank, num_adapters, task.lora_targets, batch=calibration[0])
     built = build_method(method, model, calibration, budget, steps, seed, task.lora_targets, topo_positions, head_lr)
     run_dir = checkpoint_dir(output_dir, task.name, method, f"k{per_class}", f"s{seed}", f"r{lora_rank}")
-    outcome = fit(built.model, splits, task.collator, lr, seed, setup, run_dir, built.callbacks, head_name(model))
+    outcome = fit(
+        built.model, splits, task.collator, lr, seed, setup, run_dir, built.callbacks, head_name(model),
+        adapter_lr_ratio=built.adapter_lr_ratio,
+    )  # fmt: skip
     if built.after_fit is not None:
         built.after_fit(built)
         built.trainable = count_trainable(built.model)

@@ -27,6 +27,10 @@ LEVERS: dict[str, dict] = {
     "budget": {"neuron_budget": True},  # the recipe's matched budget minus the head
     "optimized": {"directions": "optimized"},  # output directions U fitted to the calibration loss, not eigenvectors
 }
+# Levers with a value, written `name=value` in a method name (`topo+optimized+step=0.5`): the fraction of the
+# line-searched step the inserted layers take, and the adapters' learning rate as a multiple of the method's (the head
+# keeps the method's rate; hf_topoadapt.optimizers.create_topo_optimizer).
+VALUE_LEVERS: dict[str, str] = {"step": "step_scale", "adapter_lr": "adapter_lr_ratio"}
 # The default combination, chosen on validation (benchmarks/results/transfer_levers.md).
 DEFAULT_LEVERS: tuple[str, ...] = ("optimized",)
 
@@ -36,9 +40,17 @@ def topo_options(levers) -> dict:
     are the chosen levers)."""
     options = {"include_head": False, "directions": "coordinate"}
     for lever in levers:
-        if lever not in LEVERS:
-            raise ValueError(f"unknown lever {lever!r}; known: {list(LEVERS)}")
-        options.update(LEVERS[lever])
+        name, _, value = lever.partition("=")
+        if value and name in VALUE_LEVERS:
+            try:
+                options[VALUE_LEVERS[name]] = float(value)
+            except ValueError:
+                raise ValueError(f"lever {lever!r} needs a number after '='") from None
+        elif lever in LEVERS:
+            options.update(LEVERS[lever])
+        else:
+            known = [*LEVERS, *(f"{n}=<number>" for n in VALUE_LEVERS)]
+            raise ValueError(f"unknown lever {lever!r}; known: {known}")
     return options
 
 
@@ -104,6 +116,7 @@ class Built:
     positions: list[str] = field(default_factory=list)
     callbacks: list[TrainerCallback] = field(default_factory=list)
     setup_seconds: float = 0.0
+    adapter_lr_ratio: float = 1.0  # the topo layers train at this multiple of the method's learning rate
     # Called after training: adds what happened during it (growth's scoring and insertions) to note, positions and
     # setup_seconds.
     after_fit: Callable[[Built], None] | None = None
@@ -188,6 +201,7 @@ def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, 
     from hf_topoadapt.growth import GrowthConfig, TopoGrowthCallback, head_only_topo_model
 
     options = {k: v for k, v in options.items() if k not in ("neuron_budget", "head_warmup_steps")}
+    adapter_lr_ratio = options.pop("adapter_lr_ratio", 1.0)  # grown layers join the optimizer's adapter group
     config = hta.TopoAdapterConfig(neurons=budget.request(), modules_to_save=[head], seed=seed, **options)
     wrapped = head_only_topo_model(model, config)
     growth = GrowthConfig(
@@ -208,7 +222,10 @@ def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, 
             + (f"; stopped: {callback.grower.stopped}" if log and callback.grower.stopped else "")
         )
 
-    return Built(wrapped, note="head, grown during training", callbacks=[callback], after_fit=after_fit)
+    return Built(
+        wrapped, note="head, grown during training", callbacks=[callback], after_fit=after_fit,
+        adapter_lr_ratio=adapter_lr_ratio,
+    )  # fmt: skip
 
 
 def topo_candidates(model: nn.Module, include_head: bool = True) -> list[str]:
@@ -235,6 +252,13 @@ def build_topo(
     count itself; in a CNN a neuron's cost differs by position. `positions="fixed"` with `fixed` names the positions,
     and `neurons` fixes the neurons of every adapter (no trimming to the budget)."""
     options = {"num_adapters": budget.num_adapters, **options}
+    adapter_lr_ratio = options.pop("adapter_lr_ratio", 1.0)  # an optimizer setting, not the adapters'
+    built = _build_topo(model, calibration, budget, seed, head, topo_positions, positions, init, fixed, neurons, options)
+    built.adapter_lr_ratio = adapter_lr_ratio
+    return built
+
+
+def _build_topo(model, calibration, budget, seed, head, topo_positions, positions, init, fixed, neurons, options):
     if options.get("neuron_budget") is True and init == "eigen":  # the library allocates it by value per parameter
         options["neuron_budget"] = budget.target - budget.head_params
     else:  # random rows get exactly the recipe's allocation below

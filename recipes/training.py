@@ -198,10 +198,20 @@ def fit(
     callbacks: Sequence[TrainerCallback] = (),
     head: str | None = None,
     trainer_hook: Callable[[Trainer], None] | None = None,
+    adapter_lr_ratio: float = 1.0,
 ) -> FitResult:
     """Trains `model` on splits["train"] with the Trainer, evaluates on splits["validation"] each epoch, restores
-    the best epoch (`BestEpoch`) and computes the test metrics on splits["test"] once."""
+    the best epoch (`BestEpoch`) and computes the test metrics on splits["test"] once. `adapter_lr_ratio` != 1 trains
+    the topo layers of a TopoModel at that multiple of `lr` (hf_topoadapt's create_topo_optimizer), the rest at `lr`."""
     args = training_arguments(run_dir, lr, seed, setup)
+    optimizers = (None, None)
+    if adapter_lr_ratio != 1.0:
+        from hf_topoadapt.optimizers import create_topo_optimizer
+
+        optimizer = create_topo_optimizer(
+            model, torch.optim.AdamW, lr=lr, adapter_lr_ratio=adapter_lr_ratio, weight_decay=setup.weight_decay
+        )
+        optimizers = (optimizer, None)
     timer, best = EpochTimer(), BestEpoch()
     extra: list[TrainerCallback] = [timer, *callbacks, best]
     norms = GradientNorms(head=head) if setup.diagnostics else None
@@ -218,6 +228,7 @@ def fit(
         data_collator=collator,
         compute_metrics=classification_metrics(setup.metrics),
         callbacks=extra,
+        optimizers=optimizers,
     )
     if not setup.progress:
         trainer.remove_callback(PrinterCallback)  # the run's one-line summary is enough

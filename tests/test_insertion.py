@@ -527,3 +527,37 @@ def test_optimized_directions_that_lower_no_loss_fall_back_to_the_papers_layer(m
         lambda eps: base + 1.0, base, *a, **k))  # fmt: skip
     refused = insert_layer(copy.deepcopy(twin), batches, ScoringConfig(directions="optimized"), loss_fn)
     assert not refused.accepted and "optimized directions or coordinate directions" in refused.reason
+
+
+@pytest.mark.parametrize("kind", ["coordinate", "optimized"])
+def test_step_scale_inserts_a_fraction_of_the_line_searched_step(kind):
+    """step_scale s: the layer takes s * eps of the line search (same position and directions), and the record's
+    loss after is the calibration loss measured with that layer in place, still below the loss before."""
+    model, batches, loss_fn, _, _ = build("residual_mlp")
+    twin = copy.deepcopy(model)
+    full = insert_layer(model, batches, ScoringConfig(directions=kind), loss_fn)
+    half = insert_layer(twin, batches, ScoringConfig(directions=kind, step_scale=0.5), loss_fn)
+    assert full.accepted and half.accepted
+    assert (half.position, half.num_neurons, half.directions) == (full.position, full.num_neurons, full.directions)
+    assert half.eps == pytest.approx(0.5 * full.eps, rel=1e-12)
+    assert half.line_search[-1][0] == half.eps and half.line_search[:-1] == full.line_search
+    assert loss_of(twin, batches, loss_fn) == pytest.approx(half.loss_after, rel=1e-12, abs=1e-14)
+    assert full.loss_after < half.loss_after < half.loss_before
+    assert half.predicted_decrease == pytest.approx(0.25 * full.predicted_decrease, rel=1e-12)
+
+
+def test_step_scale_refuses_a_layer_whose_scaled_step_raises_the_loss(monkeypatch):
+    import hf_topoadapt.insertion as insertion
+
+    model, batches, loss_fn, _, _ = build("residual_mlp")
+    grid = min(abs(eps) for eps, _ in insert_layer(copy.deepcopy(model), batches, None, loss_fn).line_search)
+    real = insertion.TrialLosses.__call__
+    # steps far below the line search's grid raise the loss: the scaled step lands there, the grid is unchanged
+    monkeypatch.setattr(
+        insertion.TrialLosses, "__call__", lambda self, eps: real(self, eps) + (10.0 if abs(eps) < 1e-2 * grid else 0.0)
+    )
+    state, hooks = state_copy(model), hook_keys(model)
+    refused = insert_layer(model, batches, ScoringConfig(step_scale=1e-5), loss_fn)
+    assert not refused.accepted and "step_scale" in refused.reason
+    assert_same_state(model, state)
+    assert hook_keys(model) == hooks

@@ -435,3 +435,37 @@ def test_topo_paper_is_the_papers_layer_whatever_the_library_defaults(tokenizer)
         directions[method] = built.model.peft_config["default"].directions
     assert hta.TopoAdapterConfig().directions == "optimized" and "optimized" in DEFAULT_LEVERS
     assert directions == {"topo_paper": "coordinate", "topo": "optimized"}
+
+
+def test_value_levers_set_the_step_and_the_adapters_learning_rate(tokenizer, tmp_path):
+    """`topo+optimized+step=0.5+adapter_lr=0.2`: the layers take half the line-searched step (the config records
+    it) and train at a fifth of the method's rate in their own optimizer group; a bad value names the lever."""
+    from recipes.methods import topo_options
+
+    assert topo_options(["optimized", "step=0.5", "adapter_lr=0.2"]) == {
+        "include_head": False, "directions": "optimized", "step_scale": 0.5, "adapter_lr_ratio": 0.2,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="lever 'step=half' needs a number"):
+        topo_options(["step=half"])
+    with pytest.raises(ValueError, match=r"unknown lever 'speed=2'.*'step=<number>'"):
+        topo_options(["speed=2"])
+    task = tiny_task(tokenizer, 5)
+    splits = task.preprocess(few_shot_splits(task.source, 2, seed=0))
+    batches = calibration_batches(splits["train"], task.collator, 3, 0, "cpu")
+    torch.manual_seed(0)
+    model = tiny_bert()
+    budget = match_budget(model, lora_rank=1, num_adapters=1, lora_targets=("query", "value"), batch=batches[0])
+    built = build_method("topo+optimized+step=0.5+adapter_lr=0.2", model, batches, budget, total_steps=20, seed=0)
+    assert built.model.peft_config["default"].step_scale == 0.5 and built.adapter_lr_ratio == 0.2
+    rates = []
+
+    class Rates(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            rates.append([g["lr"] for g in optimizer.param_groups if g["params"]])
+
+    training.fit(
+        built.model, splits, task.collator, 1e-2, 0, quiet_setup(epochs=1), str(tmp_path),
+        trainer_hook=lambda trainer: trainer.add_callback(Rates()), adapter_lr_ratio=built.adapter_lr_ratio,
+    )  # fmt: skip
+    assert len(rates[0]) == 4 and max(rates[0]) > 0  # adapters and head, each with and without weight decay
+    assert all(max(r) / min(r) == pytest.approx(5.0) for r in rates if min(r) > 0)
