@@ -222,7 +222,9 @@ class ScoringConfig:
         for name in ("line_search_start", "line_search_growth"):
             setattr(self, name, check_real(name, getattr(self, name)))
         self.line_search_steps = check_whole("line_search_steps", self.line_search_steps, 1)
-        self.step_scale = check_real("step_scale", self.step_scale, 0.0, strict=True, why=" (1: the line search's step)")
+        self.step_scale = check_real(
+            "step_scale", self.step_scale, 0.0, strict=True, why=" (1: the line search's step)"
+        )
         if self.step_scale > 1.0:
             raise ValueError(
                 f"step_scale must be in (0, 1]: a fraction of the step that minimised the calibration loss, got "

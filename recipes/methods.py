@@ -253,7 +253,9 @@ def build_topo(
     and `neurons` fixes the neurons of every adapter (no trimming to the budget)."""
     options = {"num_adapters": budget.num_adapters, **options}
     adapter_lr_ratio = options.pop("adapter_lr_ratio", 1.0)  # an optimizer setting, not the adapters'
-    built = _build_topo(model, calibration, budget, seed, head, topo_positions, positions, init, fixed, neurons, options)
+    built = _build_topo(
+        model, calibration, budget, seed, head, topo_positions, positions, init, fixed, neurons, options
+    )  # fmt: skip
     built.adapter_lr_ratio = adapter_lr_ratio
     return built
 
