@@ -32,7 +32,18 @@ class HalfSquare(nn.Module):
         return 0.5 * x * x
 
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"silu_tanh": SiLUTanh, "half_square": HalfSquare}
+class XTanh(nn.Module):
+    """sigma(x) = x * tanh(x / 2) = 2 * SiLU(x) - x: SiLU with its linear part at 0 removed (sigma''(0) = 1). Even and
+    about |x| away from 0, where silu_tanh is about 2x - 1 on one side and +1 on the other: a symmetric rectifier for
+    the inserted layer's training."""
+
+    second_derivative_at_zero = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.tanh(0.5 * x)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"silu_tanh": SiLUTanh, "half_square": HalfSquare, "x_tanh": XTanh}
 
 
 class InadmissibleActivationError(ValueError):

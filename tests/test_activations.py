@@ -51,6 +51,17 @@ def test_silu_tanh_formula():
     assert torch.allclose(SiLUTanh()(small), small**2 / 2 + small**3 / 3, rtol=1e-6, atol=0)
 
 
+def test_x_tanh_is_admissible_even_and_centred_silu():
+    from hf_topoadapt.activations import ACTIVATIONS, XTanh, check_activation
+
+    assert derivatives(XTanh(), 3) == pytest.approx([0.0, 0.0, 1.0, 0.0], abs=1e-15)
+    assert check_activation(XTanh()) == pytest.approx(XTanh.second_derivative_at_zero, abs=1e-9)
+    x = torch.linspace(-6, 6, 101, dtype=torch.float64)
+    assert torch.allclose(XTanh()(x), 2 * x * torch.sigmoid(x) - x, rtol=0, atol=1e-13)
+    assert torch.equal(XTanh()(x), XTanh()(-x))
+    assert ACTIVATIONS["x_tanh"] is XTanh
+
+
 @pytest.mark.parametrize(
     "fn, condition",
     [

@@ -1,0 +1,181 @@
+"""How the inserted layers should train, chosen on validation: each lever added alone to the current topo default.
+
+The levers of issue 9's "inserted layer's optimisation": a fraction of the line-searched step (`step=S`: the layer
+starts closer to zero and fits the calibration examples less), the adapters' own learning rate (`adapter_lr=R`:
+create_topo_optimizer, the head keeps the method's rate) and an even, rectifier-like activation (`x_tanh`). Every
+variant runs on the same seeds as the default, so each seed gives a paired difference; a lever is adopted only when
+its mean paired gain, averaged over the recipes, is above zero by more than its standard error. LoRA at the recipe's
+rank is the reference row. The test split is not looked at.
+
+    python benchmarks/transfer_training.py                                   # every recipe (resumable)
+    python benchmarks/transfer_training.py --recipes vit_digits --seeds 0 1 2 3 4 5 6 7 8 9
+    python benchmarks/transfer_training.py --report-only                     # rewrite the report from the runs
+
+Writes benchmarks/results/transfer_training.{md,json}; runs go to transfer_training_<recipe>_runs.jsonl and are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(name, "1")
+
+from benchmarks.transfer_lr_grid import SMALLEST, recipe_task  # noqa: E402
+from recipes.methods import DEFAULT_LEVERS, lr_for  # noqa: E402
+
+RECIPES = ("minilm_topics", "effnet_mnist", "vit_digits")
+LEVERS = ("step=0.5", "step=0.25", "adapter_lr=0.3", "adapter_lr=0.1", "adapter_lr=3", "x_tanh")
+SEEDS = {"minilm_topics": [0, 1, 2, 3, 4], "effnet_mnist": [0, 1, 2, 3, 4], "vit_digits": list(range(10))}
+OUT = os.path.join(ROOT, "benchmarks", "results")
+
+
+def default_method() -> str:
+    return "topo+" + "+".join(sorted(DEFAULT_LEVERS))
+
+
+def with_lever(lever: str) -> str:
+    return "topo+" + "+".join([*sorted(DEFAULT_LEVERS), lever])
+
+
+def runs_path(output_dir: str, recipe: str) -> str:
+    return os.path.join(output_dir, f"transfer_training_{recipe}_runs.jsonl")
+
+
+def run_recipe(recipe: str, methods: list[str], seeds: list[int], args) -> None:
+    from recipes.cli import recipe_lrs, training_setup
+    from recipes.experiment import run_experiment
+
+    _, task, recipe_args = recipe_task(recipe, args.threads)
+    setup = training_setup(recipe_args)
+    setup.progress = False
+    lrs = recipe_lrs(recipe_args)
+    topo_lr = lr_for("topo", lrs)
+    run_experiment(
+        task, methods, [SMALLEST[recipe]], seeds, setup, lrs={**lrs, **{m: topo_lr for m in methods if m != "lora"}},
+        lora_rank=recipe_args.lora_rank, num_adapters=recipe_args.num_adapters,
+        test_per_class=recipe_args.test_per_class, output_dir=args.output_dir,
+        results_path=runs_path(args.output_dir, recipe), resume=True,
+        log=lambda line: print(f"  {recipe}: {line}", flush=True),
+    )  # fmt: skip
+
+
+def read_runs(path: str) -> dict[str, dict[int, float]]:
+    """Validation accuracy by method and seed (the last record of a run wins)."""
+    table: dict[str, dict[int, float]] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    table.setdefault(record["method"], {})[record["seed"]] = record["validation"]
+    return table
+
+
+def paired(values: dict[int, float], base: dict[int, float]) -> tuple[float, float, int]:
+    """Mean and standard error of the per-seed differences on the seeds both have."""
+    diffs = [values[s] - base[s] for s in sorted(set(values) & set(base))]
+    if not diffs:
+        return math.nan, math.nan, 0
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return statistics.fmean(diffs), se, len(diffs)
+
+
+def report(recipes: list[str], output_dir: str) -> dict:
+    base = default_method()
+    tables = {recipe: read_runs(runs_path(output_dir, recipe)) for recipe in recipes}
+    rows, decision = [], {}
+    for lever in ("lora", "(default)", *LEVERS):
+        method = base if lever == "(default)" else lever if lever == "lora" else with_lever(lever)
+        row = {"lever": lever, "method": method, "recipes": {}}
+        gains, ses = [], []
+        for recipe in recipes:
+            values = tables[recipe].get(method, {})
+            if not values:
+                continue
+            gain, se, n = paired(values, tables[recipe].get(base, {}))
+            mean = statistics.fmean(values.values())
+            std = statistics.stdev(values.values()) if len(values) > 1 else 0.0
+            row["recipes"][recipe] = {"mean": mean, "std": std, "seeds": len(values), "gain": gain, "se": se, "n": n}
+            gains.append(gain)
+            ses.append(se)
+        if lever not in ("lora", "(default)") and len(gains) == len(recipes):
+            mean_gain = statistics.fmean(gains)
+            # the average of independent per-recipe means: its standard error combines theirs
+            se = math.sqrt(sum(s * s for s in ses)) / len(ses) if all(math.isfinite(s) for s in ses) else math.nan
+            row["mean_gain"], row["mean_gain_se"] = mean_gain, se
+            decision[lever] = bool(mean_gain > 0 and math.isfinite(se) and mean_gain > se)
+        rows.append(row)
+    result = {"default": base, "recipes": recipes, "rows": rows, "adopt": [k for k, v in decision.items() if v]}
+    write(result, output_dir)
+    return result
+
+
+def write(result: dict, output_dir: str) -> None:
+    recipes = result["recipes"]
+    lines = [
+        "# How the inserted layers train, chosen on validation",
+        "",
+        f"Each lever added alone to the topo default (`{result['default']}`), at the smallest size of every recipe, "
+        "the recipe's learning rate for topo. Cells: validation accuracy mean ± std over seeds, and the mean paired "
+        "difference to the default on the same seeds ± its standard error. A lever is adopted when its gain averaged "
+        "over the recipes exceeds its standard error. Regenerate with `python benchmarks/transfer_training.py`.",
+        "",
+        f"**Adopted: {', '.join(result['adopt']) or 'none'}.**",
+        "",
+        "| lever | " + " | ".join(recipes) + " | mean gain over recipes |",
+        "|---|" + "---|" * len(recipes) + "---:|",
+    ]
+    for row in result["rows"]:
+        cells = []
+        for recipe in recipes:
+            cell = row["recipes"].get(recipe)
+            if cell is None:
+                cells.append("")
+                continue
+            text = f"{cell['mean']:.4f} ± {cell['std']:.4f} ({cell['seeds']} seeds)"
+            if row["lever"] not in ("(default)",) and cell["n"]:
+                text += f"; {cell['gain']:+.4f} ± {cell['se']:.4f}"
+            cells.append(text)
+        gain = row.get("mean_gain")
+        total = "" if gain is None else f"{gain:+.4f} ± {row['mean_gain_se']:.4f}"
+        lines.append(f"| `{row['lever']}` | " + " | ".join(cells) + f" | {total} |")
+    with open(os.path.join(output_dir, "transfer_training.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(output_dir, "transfer_training.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print("\n".join(lines))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: 10 for the ViT, 5 for the others")
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output-dir", default=OUT)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.report_only:
+        import datasets
+        import torch
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        torch.set_num_threads(args.threads)
+        methods = ["lora", default_method(), *(with_lever(lever) for lever in args.levers)]
+        for recipe in args.recipes:
+            run_recipe(recipe, methods, args.seeds or SEEDS[recipe], args)
+    return report(list(RECIPES), args.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""benchmarks/transfer_training.py's bookkeeping, on synthetic runs (no training): paired differences to the default
+on shared seeds, their standard errors, the adoption rule and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import transfer_training as tt  # noqa: E402
+
+
+def write_runs(folder, recipe: str, validations: dict[str, list[float]]) -> None:
+    with open(tt.runs_path(str(folder), recipe), "w") as f:
+        for method, values in validations.items():
+            for seed, value in enumerate(values):
+                f.write(json.dumps({"method": method, "seed": seed, "validation": value, "accuracy": 0.0}) + "\n")
+
+
+def test_paired_differences_use_shared_seeds_only():
+    gain, se, n = tt.paired({0: 0.6, 1: 0.7, 2: 0.9}, {0: 0.5, 1: 0.5})
+    assert n == 2 and gain == pytest.approx(0.15) and se == pytest.approx(math.sqrt(0.005) / math.sqrt(2))
+    assert math.isnan(tt.paired({3: 1.0}, {0: 0.5})[0])
+
+
+def test_a_lever_is_adopted_only_when_its_gain_exceeds_its_standard_error(tmp_path):
+    base, steady, noisy = tt.default_method(), tt.with_lever("step=0.5"), tt.with_lever("adapter_lr=0.3")
+    for recipe in tt.RECIPES:
+        write_runs(tmp_path, recipe, {
+            "lora": [0.7, 0.7, 0.7],
+            base: [0.50, 0.60, 0.70],
+            steady: [0.52, 0.63, 0.71],  # +0.02 on average, every seed up
+            noisy: [0.70, 0.40, 0.90],  # +0.067 on average, but one seed far down
+        })  # fmt: skip
+    result = tt.report(list(tt.RECIPES), str(tmp_path))
+    assert result["adopt"] == ["step=0.5"]
+    rows = {row["lever"]: row for row in result["rows"]}
+    assert rows["step=0.5"]["mean_gain"] == pytest.approx(0.02)
+    assert rows["adapter_lr=0.3"]["mean_gain"] > 0  # positive, yet
+    assert rows["adapter_lr=0.3"]["mean_gain"] < rows["adapter_lr=0.3"]["mean_gain_se"]  # within its error
+    assert "mean_gain" not in rows["lora"] and "x_tanh" in rows and not rows["x_tanh"]["recipes"]
+    text = (tmp_path / "transfer_training.md").read_text()
+    assert "**Adopted: step=0.5.**" in text and "+0.0200" in text
+    assert json.loads((tmp_path / "transfer_training.json").read_text())["adopt"] == ["step=0.5"]
