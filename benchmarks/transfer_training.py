@@ -2,7 +2,9 @@
 
 The levers of issue 9's "inserted layer's optimisation": a fraction of the line-searched step (`step=S`: the layer
 starts closer to zero and fits the calibration examples less), the adapters' own learning rate (`adapter_lr=R`:
-create_topo_optimizer, the head keeps the method's rate) and an even, rectifier-like activation (`x_tanh`). Every
+create_topo_optimizer, the head keeps the method's rate), an even, rectifier-like activation (`x_tanh`), and, for
+where the layers go, positions ranked by their value per token (`per_token`: a no-op where every position sees the
+same tokens, as in a transformer). Every
 variant runs on the same seeds as the default, so each seed gives a paired difference; a lever is adopted only when
 its mean paired gain, averaged over the recipes, is above zero by more than its standard error. LoRA at the recipe's
 rank is the reference row. The test split is not looked at.
@@ -32,7 +34,7 @@ from benchmarks.transfer_lr_grid import SMALLEST, recipe_task  # noqa: E402
 from recipes.methods import DEFAULT_LEVERS, lr_for  # noqa: E402
 
 RECIPES = ("minilm_topics", "effnet_mnist", "vit_digits")
-LEVERS = ("step=0.5", "step=0.25", "adapter_lr=0.3", "adapter_lr=0.1", "adapter_lr=3", "x_tanh")
+LEVERS = ("step=0.5", "step=0.25", "adapter_lr=0.3", "adapter_lr=0.1", "adapter_lr=3", "x_tanh", "per_token")
 SEEDS = {"minilm_topics": [0, 1, 2, 3, 4], "effnet_mnist": [0, 1, 2], "vit_digits": list(range(10))}
 OUT = os.path.join(ROOT, "benchmarks", "results")
 

@@ -21,6 +21,7 @@ from .activations import ACTIVATIONS
 SOLVERS = ("auto", "exact", "lanczos")
 SCREEN_TOKENS = 8192
 DIRECTIONS = ("coordinate", "optimized")
+RANK_BY = ("eigenvalue", "per_token")
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -129,6 +130,14 @@ class ScoringConfig:
         default=8,
         metadata={"help": "Steps per sign (the last one predicts a decrease ~16x the loss, far past the model)."},
     )
+    rank_by: str = field(
+        default="eigenvalue",
+        metadata={
+            "help": "What positions compete by: 'eigenvalue' (the paper: the loss decrease of the best unit layer) or "
+            "'per_token' (that decrease divided by the tokens the position sees: a CNN's early feature maps have "
+            "many more positions per image than its late ones, and the plain sum favours them by count)."
+        },
+    )
     step_scale: float = field(
         default=1.0,
         metadata={
@@ -191,6 +200,8 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
         if self.directions not in DIRECTIONS:
             raise ValueError(f"directions must be one of {DIRECTIONS}, got {self.directions!r}")
         self.eps_s = check_real("eps_s", self.eps_s, 0.0)

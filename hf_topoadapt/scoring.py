@@ -54,11 +54,14 @@ class PositionScore:
     spectrum: Spectrum | None = field(default=None, repr=False, compare=False)
     operator: BlockOperator | None = field(default=None, repr=False, compare=False)
     crossfit: CrossFitted | None = field(default=None, repr=False, compare=False)
+    rank_by: str = "eigenvalue"  # ScoringConfig.rank_by: "per_token" divides the value by the tokens seen
 
     @property
     def ranking_value(self) -> float:
-        """What positions compete by: the cross-fitted value when there is one, else the top eigenvalue."""
-        return self.eigenvalue if self.crossfit_eigenvalue is None else self.crossfit_eigenvalue
+        """What positions compete by: the cross-fitted value when there is one, else the top eigenvalue; per token
+        of the position under rank_by="per_token" (the sign, and so the threshold test, is unchanged)."""
+        value = self.eigenvalue if self.crossfit_eigenvalue is None else self.crossfit_eigenvalue
+        return value / max(self.tokens, 1) if self.rank_by == "per_token" else value
 
     def neuron_spectrum(self, config: ScoringConfig) -> Spectrum:
         """The eigenpairs the neuron rule chooses from: by cross-fitted value when cross-fitted."""
@@ -273,6 +276,7 @@ def position_score(
         spectrum=spectrum,
         operator=operator,
         crossfit=fit,
+        rank_by=config.rank_by,
     )
 
 

@@ -27,6 +27,7 @@ LEVERS: dict[str, dict] = {
     "budget": {"neuron_budget": True},  # the recipe's matched budget minus the head
     "optimized": {"directions": "optimized"},  # output directions U fitted to the calibration loss, not eigenvectors
     "x_tanh": {"activation": "x_tanh"},  # an even, rectifier-like admissible activation instead of silu_tanh
+    "per_token": {"rank_by": "per_token"},  # positions ranked by their value per token (CNN feature maps differ)
 }
 # Levers with a value, written `name=value` in a method name (`topo+optimized+step=0.5`): the fraction of the
 # line-searched step the inserted layers take, and the adapters' learning rate as a multiple of the method's (the head

@@ -312,6 +312,7 @@ def test_every_numeric_growth_setting_is_validated(name, kind):
         ({"init_scale": 0.0}, r"init_scale must be > 0\.0 .*exactly zero gradients"),
         ({"init_scale": -0.01}, r"init_scale must be > 0\.0"),
         ({"optimize_iterations": -1}, "optimize_iterations must be >= 0"),
+        ({"rank_by": "tokens"}, r"rank_by must be one of \('eigenvalue', 'per_token'\), got 'tokens'"),
         ({"step_scale": 0.0}, r"step_scale must be > 0\.0 \(1: the line search's step\)"),
         ({"step_scale": 1.5}, r"step_scale must be in \(0, 1\]"),
         ({"exact_max_features": -5}, "exact_max_features must be >= 0"),

@@ -561,3 +561,21 @@ def test_step_scale_refuses_a_layer_whose_scaled_step_raises_the_loss(monkeypatc
     assert not refused.accepted and "step_scale" in refused.reason
     assert_same_state(model, state)
     assert hook_keys(model) == hooks
+
+
+def test_rank_by_per_token_ranks_positions_by_their_value_per_token():
+    """rank_by="per_token": a position competes by its value over the tokens it sees (a CNN's early feature maps
+    see many more per image), with the sign, and so the threshold test, unchanged."""
+    from hf_topoadapt.scoring import PositionScore, score_positions
+
+    early = PositionScore("early", 0, eigenvalue=4.0, tokens=256, rank_by="per_token")
+    late = PositionScore("late", 1, eigenvalue=1.0, tokens=4, rank_by="per_token")
+    assert max([early, late], key=lambda s: s.ranking_value).name == "late"
+    assert early.ranking_value == pytest.approx(4.0 / 256)
+    plain = [PositionScore(s.name, s.index, s.eigenvalue, tokens=s.tokens) for s in (early, late)]
+    assert max(plain, key=lambda s: s.ranking_value).name == "early"
+    assert PositionScore("none", 0, eigenvalue=-1.0, tokens=8, rank_by="per_token").ranking_value < 0
+    model, batches, loss_fn, _, _ = build("residual_cnn")
+    for score in score_positions(model, batches, ScoringConfig(rank_by="per_token"), loss_fn):
+        assert score.rank_by == "per_token" and score.tokens > 0
+        assert score.ranking_value == pytest.approx(score.eigenvalue / score.tokens, rel=1e-12)
