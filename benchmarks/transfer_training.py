@@ -4,10 +4,9 @@ The levers of issue 9's "inserted layer's optimisation": a fraction of the line-
 starts closer to zero and fits the calibration examples less), the adapters' own learning rate (`adapter_lr=R`:
 create_topo_optimizer, the head keeps the method's rate), an even, rectifier-like activation (`x_tanh`), and, for
 where the layers go, positions ranked by their value per token (`per_token`: a no-op where every position sees the
-same tokens, as in a transformer). Every
-variant runs on the same seeds as the default, so each seed gives a paired difference; a lever is adopted only when
-its mean paired gain, averaged over the recipes, is above zero by more than its standard error. LoRA at the recipe's
-rank is the reference row. The test split is not looked at.
+same tokens, as in a transformer). Every variant runs on the same seeds as the default, so each seed gives a paired
+difference; a lever is adopted only when its mean paired gain, averaged over the recipes, is above zero by more than
+its standard error. LoRA at the recipe's rank is the reference row. The test split is not looked at.
 
     python benchmarks/transfer_training.py                                   # every recipe (resumable)
     python benchmarks/transfer_training.py --recipes vit_digits --seeds 0 1 2 3 4 5 6 7 8 9
@@ -159,7 +158,7 @@ def write(result: dict, output_dir: str) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
-    parser.add_argument("--seeds", type=int, nargs="+", help="default: 10 for the ViT, 5 for the others")
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: ViT 10, MiniLM 5, EfficientNet 3")
     parser.add_argument("--levers", nargs="+", default=list(LEVERS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", default=OUT)

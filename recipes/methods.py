@@ -118,7 +118,8 @@ class Built:
     positions: list[str] = field(default_factory=list)
     callbacks: list[TrainerCallback] = field(default_factory=list)
     setup_seconds: float = 0.0
-    adapter_lr_ratio: float = 1.0  # the topo layers train at this multiple of the method's learning rate
+    adapter_lr_ratio: float = 1.0  # the topo layers train at this multiple of the method's learning rate (grown
+    # layers join the optimizer's adapter group)
     # Called after training: adds what happened during it (growth's scoring and insertions) to note, positions and
     # setup_seconds.
     after_fit: Callable[[Built], None] | None = None
@@ -142,14 +143,17 @@ def build_method(
         raise ValueError(f"unknown method {method!r}; known: {list(METHODS)} or topo+<levers> ({list(LEVERS)})")
     start = time.perf_counter()
     head = head_name(model)
-    variant = topo_variant(method)
+    variant = GROWN.get(method, topo_variant(method))
+    options = dict(variant or {})
+    adapter_lr_ratio = options.pop("adapter_lr_ratio", 1.0)  # an optimizer setting (fit's), not the adapters'
     if method in GROWN:
-        built = build_topo_grown(model, calibration, budget, seed, head, GROWN[method])
+        built = build_topo_grown(model, calibration, budget, seed, head, options)
     elif variant is not None:
-        options = {**variant, "head_warmup_lr": head_lr} if "head_warmup_steps" in variant else variant
+        options = {**options, "head_warmup_lr": head_lr} if "head_warmup_steps" in options else options
         built = build_topo(model, calibration, budget, seed, head, topo_positions, **options)
     else:
         built = _build_baseline(method, model, calibration, budget, total_steps, list(lora_targets), head, head_lr)
+    built.adapter_lr_ratio = adapter_lr_ratio
     built.setup_seconds = time.perf_counter() - start
     built.trainable = count_trainable(built.model)
     return built
@@ -203,7 +207,6 @@ def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, 
     from hf_topoadapt.growth import GrowthConfig, TopoGrowthCallback, head_only_topo_model
 
     options = {k: v for k, v in options.items() if k not in ("neuron_budget", "head_warmup_steps")}
-    adapter_lr_ratio = options.pop("adapter_lr_ratio", 1.0)  # grown layers join the optimizer's adapter group
     config = hta.TopoAdapterConfig(neurons=budget.request(), modules_to_save=[head], seed=seed, **options)
     wrapped = head_only_topo_model(model, config)
     growth = GrowthConfig(
@@ -224,10 +227,7 @@ def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, 
             + (f"; stopped: {callback.grower.stopped}" if log and callback.grower.stopped else "")
         )
 
-    return Built(
-        wrapped, note="head, grown during training", callbacks=[callback], after_fit=after_fit,
-        adapter_lr_ratio=adapter_lr_ratio,
-    )  # fmt: skip
+    return Built(wrapped, note="head, grown during training", callbacks=[callback], after_fit=after_fit)
 
 
 def topo_candidates(model: nn.Module, include_head: bool = True) -> list[str]:
@@ -254,15 +254,6 @@ def build_topo(
     count itself; in a CNN a neuron's cost differs by position. `positions="fixed"` with `fixed` names the positions,
     and `neurons` fixes the neurons of every adapter (no trimming to the budget)."""
     options = {"num_adapters": budget.num_adapters, **options}
-    adapter_lr_ratio = options.pop("adapter_lr_ratio", 1.0)  # an optimizer setting, not the adapters'
-    built = _build_topo(
-        model, calibration, budget, seed, head, topo_positions, positions, init, fixed, neurons, options
-    )  # fmt: skip
-    built.adapter_lr_ratio = adapter_lr_ratio
-    return built
-
-
-def _build_topo(model, calibration, budget, seed, head, topo_positions, positions, init, fixed, neurons, options):
     if options.get("neuron_budget") is True and init == "eigen":  # the library allocates it by value per parameter
         options["neuron_budget"] = budget.target - budget.head_params
     else:  # random rows get exactly the recipe's allocation below

@@ -105,3 +105,33 @@ def test_a_model_with_nothing_to_train_is_refused():
         parameter.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         create_topo_optimizer(model, lr=1e-2)
+
+
+def test_a_bf16_model_with_a_scaled_step_trains_with_its_own_adapter_rate_in_bf16(tmp_path):
+    """The paths a bf16 user takes: a bf16 base adapted with step_scale < 1, then the Trainer in bf16 with the
+    adapters at half the head's rate: the insertions lowered the loss, training lowers it further, the base stays
+    bf16."""
+    import math
+
+    base, batches, *_ = models.hf_bert(0)
+    config = hta.TopoAdapterConfig(
+        num_adapters=2, modules_to_save=["classifier"], line_search_steps=4, step_scale=0.5
+    )  # fmt: skip
+    model = hta.get_topo_model(base.to(torch.bfloat16), config, calibration_data=batches)
+    insertions = [i for i in model.topo_report.insertions if i["accepted"]]
+    assert insertions and all(i["loss_after"] < i["loss_before"] for i in insertions)
+    rows = [{k: v[i] for k, v in batch.items()} for batch in batches for i in range(len(batch["labels"]))]
+    optimizer = create_topo_optimizer(model, lr=2e-2, adapter_lr_ratio=0.5)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), bf16=True, use_cpu=True, max_steps=10, per_device_train_batch_size=6,
+        learning_rate=2e-2, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), optimizers=(optimizer, None))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 10 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    assert [g["initial_lr"] for g in optimizer.param_groups] == pytest.approx([1e-2, 1e-2, 2e-2, 2e-2])
+    # peft's convention: the base stays bf16, adapter weights are kept in float32 (autocast_adapter_dtype)
+    for name, parameter in model.named_parameters():
+        assert parameter.dtype == (torch.float32 if is_adapter_parameter(name) else torch.bfloat16), name

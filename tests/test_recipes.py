@@ -177,15 +177,21 @@ def test_budget_arithmetic_for_minilm_shapes():
     assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == budget.target
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora", "topo", "topo_last_blocks", "topo_random_positions"])
-def test_matched_methods_within_ten_percent(method, tokenizer):
+def tiny_method(tokenizer, method: str):
+    """`method` built on the tiny BERT at LoRA r=1 / one adapter, from 2 examples per class of the tiny task:
+    (built, budget, task, splits)."""
     task = tiny_task(tokenizer, 5)
     splits = task.preprocess(few_shot_splits(task.source, 2, seed=0))
     batches = calibration_batches(splits["train"], task.collator, 3, 0, "cpu")
     torch.manual_seed(0)
     model = tiny_bert()
     budget = match_budget(model, lora_rank=1, num_adapters=1, lora_targets=("query", "value"), batch=batches[0])
-    built = build_method(method, model, batches, budget, total_steps=20, seed=0)
+    return build_method(method, model, batches, budget, total_steps=20, seed=0), budget, task, splits
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "topo", "topo_last_blocks", "topo_random_positions"])
+def test_matched_methods_within_ten_percent(method, tokenizer):
+    built, budget, _, _ = tiny_method(tokenizer, method)
     assert abs(budget.relative_gap(built.trainable)) <= 0.10, (built.trainable, budget)
 
 
@@ -423,15 +429,9 @@ def test_topo_paper_is_the_papers_layer_whatever_the_library_defaults(tokenizer)
     import hf_topoadapt as hta
     from recipes.methods import DEFAULT_LEVERS
 
-    task = tiny_task(tokenizer, 5)
-    splits = task.preprocess(few_shot_splits(task.source, 2, seed=0))
-    batches = calibration_batches(splits["train"], task.collator, 3, 0, "cpu")
     directions = {}
     for method in ("topo_paper", "topo"):
-        torch.manual_seed(0)
-        model = tiny_bert()
-        budget = match_budget(model, lora_rank=1, num_adapters=1, lora_targets=("query", "value"), batch=batches[0])
-        built = build_method(method, model, batches, budget, total_steps=20, seed=0)
+        built, *_ = tiny_method(tokenizer, method)
         directions[method] = built.model.peft_config["default"].directions
     assert hta.TopoAdapterConfig().directions == "optimized" and "optimized" in DEFAULT_LEVERS
     assert directions == {"topo_paper": "coordinate", "topo": "optimized"}
@@ -449,13 +449,7 @@ def test_value_levers_set_the_step_and_the_adapters_learning_rate(tokenizer, tmp
         topo_options(["step=half"])
     with pytest.raises(ValueError, match=r"unknown lever 'speed=2'.*'step=<number>'"):
         topo_options(["speed=2"])
-    task = tiny_task(tokenizer, 5)
-    splits = task.preprocess(few_shot_splits(task.source, 2, seed=0))
-    batches = calibration_batches(splits["train"], task.collator, 3, 0, "cpu")
-    torch.manual_seed(0)
-    model = tiny_bert()
-    budget = match_budget(model, lora_rank=1, num_adapters=1, lora_targets=("query", "value"), batch=batches[0])
-    built = build_method("topo+optimized+step=0.5+adapter_lr=0.2", model, batches, budget, total_steps=20, seed=0)
+    built, _, task, splits = tiny_method(tokenizer, "topo+optimized+step=0.5+adapter_lr=0.2")
     assert built.model.peft_config["default"].step_scale == 0.5 and built.adapter_lr_ratio == 0.2
     rates = []
 

@@ -14,7 +14,7 @@ import torch
 
 from .operators import BlockOperator
 from .precision import full_precision
-from .solvers import Spectrum, _lanczos
+from .solvers import Spectrum, lanczos
 
 
 @dataclass
@@ -181,7 +181,7 @@ def _top_eigenpair_lanczos(matrix: torch.Tensor, start: torch.Tensor) -> tuple[f
     tol = 1e-10 if matrix.dtype == torch.float64 else 1e-5
     v = start[None]
     for _ in range(LANCZOS_RESTARTS):
-        values, vectors, residuals = _lanczos(lambda x: x @ matrix, v, LANCZOS_STEPS, generator, tol=tol)
+        values, vectors, residuals = lanczos(lambda x: x @ matrix, v, LANCZOS_STEPS, generator, tol=tol)
         v = vectors[:, -1]
         if not torch.isfinite(v).all():
             return None

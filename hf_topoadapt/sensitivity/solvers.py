@@ -136,6 +136,7 @@ def lanczos(
     start: torch.Tensor,
     iterations: int,
     generator: torch.Generator | None = None,
+    tol: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched Lanczos with full re-orthogonalisation and a Rayleigh-Ritz step on the Krylov basis.
 
@@ -143,12 +144,14 @@ def lanczos(
         apply: maps (b, q) vectors to the products of b symmetric (q x q) matrices with them.
         start: (b, q) starting vectors.
         iterations: Krylov dimension (capped at q).
+        tol: stop early once every matrix's top Ritz pair has a residual <= tol * (the largest |top Ritz value| of
+            the batch); None runs every step.
 
     Returns:
         Ritz values (b, k) ascending, Ritz vectors (b, k, q) and residual norms (b, k).
     """
     with torch.no_grad(), autocast_off():
-        return _lanczos(apply, start, iterations, generator)
+        return _lanczos(apply, start, iterations, generator, tol=tol)
 
 
 def _rayleigh_ritz(basis: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
