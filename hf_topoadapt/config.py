@@ -61,6 +61,13 @@ class ScoringConfig:
             "None means every position found."
         },
     )
+    exclude_positions: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Positions that never compete (names as in `positions`, e.g. ['embeddings']): the rest of the "
+            "model's candidates are scored. peft's exclude_modules, for positions."
+        },
+    )
     include_head: bool = field(
         default=True,
         metadata={
@@ -198,6 +205,12 @@ class ScoringConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.exclude_positions, str):
+            self.exclude_positions = [self.exclude_positions]
+        if self.exclude_positions is not None:
+            if not all(isinstance(name, str) for name in self.exclude_positions):
+                raise ValueError(f"exclude_positions must be a list of position names, got {self.exclude_positions!r}")
+            self.exclude_positions = list(self.exclude_positions) or None
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.rank_by not in RANK_BY:
@@ -390,7 +403,7 @@ class TopoAdapterConfig(PeftConfig, _TopoAdapterFields, ScoringConfig):
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("target_modules is an empty list: name positions, or pass None to rank them all")
-        self.scoring_config()  # validates the shared fields
+        self.exclude_positions = self.scoring_config().exclude_positions  # validates the shared fields (normalised)
 
     def scoring_config(self, **overrides) -> ScoringConfig:
         """The scoring and insertion settings as a ScoringConfig."""

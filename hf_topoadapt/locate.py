@@ -149,10 +149,29 @@ def find_positions(
     positions: list[str] | None = None,
     include_head: bool = True,
     head_path: str | None = None,
+    exclude: list[str] | None = None,
 ) -> list[Position]:
-    """All candidate positions in depth order, or the named ones (in the order of the model)."""
+    """All candidate positions in depth order but the `exclude`d ones, or the named ones (in the order of the
+    model)."""
     if positions is not None and not positions:
         raise PositionsNotFoundError("positions is an empty list: name at least one position, or pass None for all")
+    if exclude:
+        candidates = find_positions(model, block_path, None, include_head, head_path)
+        names = [p.name for p in candidates]
+        unknown = [name for name in exclude if name not in names]
+        if unknown:
+            raise PositionsNotFoundError(
+                f"exclude_positions names {unknown}, which are not candidate positions of this model; they are {names}"
+            )
+        if positions is not None:
+            clash = sorted(set(positions) & set(exclude))
+            if clash:
+                raise ValueError(f"{clash} are both in positions and in exclude_positions: drop them from one of them")
+            return find_positions(model, block_path, positions, include_head, head_path)
+        kept = [p for p in candidates if p.name not in exclude]  # depth indices stay those of the model
+        if not kept:
+            raise PositionsNotFoundError(f"exclude_positions {list(exclude)} leaves no position to score")
+        return kept
     try:
         path, blocks = find_block_list(model, block_path)
     except PositionsNotFoundError:

@@ -279,7 +279,12 @@ def get_topo_model(
             batches = batches[: config.calibration_batches]
     scoring = config.scoring_config()
     candidates = find_positions(
-        model, scoring.block_path, config.target_modules or scoring.positions, scoring.include_head, scoring.head_path
+        model,
+        scoring.block_path,
+        config.target_modules or scoring.positions,
+        scoring.include_head,
+        scoring.head_path,
+        exclude=None if config.target_modules else scoring.exclude_positions,
     )
     warmed = _warm_up_head(model, config, batches, loss_fn)
     if config.init == "random":

@@ -144,7 +144,10 @@ def solve_all(
     """Every position's spectrum: dense blocks exactly, token pairs by Lanczos, the latter batched across positions
     of one shape when `config.batch_positions` says so (by default on accelerators). `progress` advances by one
     per position solved."""
-    keep = max(config.max_neurons or 64, 16)
+    # Every neuron is an output row with its own eigenpair: the spectrum must hold as many rows as a layer may take,
+    # a fixed `neurons` above max_neurons included.
+    most = config.neurons or config.max_neurons
+    keep = max(most or 64, 16)
     spectra: list[Spectrum | None] = [None] * len(operators)
     groups: dict[tuple, list[int]] = {}
     for index, operator in enumerate(operators):
@@ -164,7 +167,7 @@ def solve_all(
             keep,
             config.lanczos_screen_iterations,
             config.lanczos_refine_iterations,
-            max(config.lanczos_refine_rows, config.max_neurons or 0),
+            max(config.lanczos_refine_rows, most or 0),
             generators=[generators[i] for i in members],
             screen_tokens=config.screen_tokens,
             tf32=config.tf32_products and operators[members[0]].device.type == "cuda",
@@ -191,7 +194,9 @@ def score_round(
     """score_positions that also keeps each position's operator and spectrum, and J (for insertion)."""
     config = ScoringConfig.from_any(config)
     _, curvature = resolve_activation(config.activation)
-    positions = find_positions(model, config.block_path, config.positions, config.include_head, config.head_path)
+    positions = find_positions(
+        model, config.block_path, config.positions, config.include_head, config.head_path, config.exclude_positions
+    )
     dtype = compute_dtype(model, config)
     device = model_device(model)
     budget = pair_memory(config, device, len(positions))

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from models import BUILDERS
+from models import BUILDERS, hf_bert
 
 import hf_topoadapt as hta
 from hf_topoadapt.model import neuron_plan
@@ -58,3 +58,14 @@ def test_get_topo_model_keeps_within_the_budget(family, head, crossfit):
     )
     spent = sum(p.numel() for n, p in topo.named_parameters() if p.requires_grad and "topo_" in n)
     assert 0 < spent <= budget and len(topo.peft_config["default"].adapter_shapes) <= 2
+
+
+@pytest.mark.parametrize("solver", ["exact", "lanczos"])
+def test_a_fixed_neuron_count_above_max_neurons_is_honoured(solver):
+    """neurons=24 with the default max_neurons=16: the Lanczos spectrum used to keep 16 rows, so the layer silently
+    got 16 neurons (the recipes' topo rows at LoRA r=4 and r=8 stayed at the r=2 budget)."""
+    model, batches, *_ = hf_bert(0, width=48)
+    config = hta.TopoAdapterConfig(neurons=24, solver=solver, line_search_steps=4, modules_to_save=["classifier"])
+    assert config.max_neurons == 16
+    hta.get_topo_model(model, config, calibration_data=batches)
+    assert [shape["neurons"] for shape in config.adapter_shapes.values()] == [24]

@@ -320,7 +320,12 @@ class Grower:
         rng = random.Random(config.seed + 1009 * len(self.log))  # reproducible across a resume
         generator = torch.Generator().manual_seed(config.seed + 1009 * len(self.log))
         positions = find_positions(
-            model, scoring.block_path, scoring.positions, scoring.include_head, scoring.head_path
+            model,
+            scoring.block_path,
+            scoring.positions,
+            scoring.include_head,
+            scoring.head_path,
+            exclude=scoring.exclude_positions,
         )
         entry = {
             "epoch": epoch,

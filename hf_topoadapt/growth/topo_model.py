@@ -250,7 +250,12 @@ class TopoModelGrower(Grower):
         """Names of the positions that may get a layer, and every position's depth index."""
         config = self.adapter_config
         found = find_positions(
-            self.model.get_base_model(), config.block_path, config.positions, config.include_head, config.head_path
+            self.model.get_base_model(),
+            config.block_path,
+            config.positions,
+            config.include_head,
+            config.head_path,
+            exclude=config.exclude_positions,
         )
         taken = set(config.adapter_shapes or {})
         return [p.name for p in found if p.name not in taken], {p.name: p.index for p in found}
