@@ -147,6 +147,18 @@ class Budget:
             total += self.costs[best]
         return {p: max(1, m) for p, m in keep.items()}
 
+    def adjusted(self, num_adapters: int | None = None, train_up: bool = False) -> Budget:
+        """The same target spread over `num_adapters` positions, and with every neuron also training its output
+        direction U (`train_up`: width more parameters per neuron); self when neither changes."""
+        if num_adapters is None and not train_up:
+            return self
+        count = self.num_adapters if num_adapters is None else num_adapters
+        costs = {p: c + self.widths[p] for p, c in self.costs.items()} if train_up else dict(self.costs)
+        typical = statistics.median(costs.values())
+        neurons = max(1, round((self.target - self.head_params) / (count * typical)))
+        expected = round(count * neurons * typical) + self.head_params
+        return Budget(self.lora_rank, count, neurons, self.head_params, self.target, expected, costs, self.widths)
+
     @property
     def uniform(self) -> bool:
         return len(set(self.costs.values())) <= 1

@@ -96,7 +96,7 @@ def recipe_lrs(args: argparse.Namespace) -> dict[str, float]:
         if getattr(args, f"lr_{family}") is not None:
             lrs[family] = getattr(args, f"lr_{family}")
     for item in args.lr:
-        method, _, value = item.partition("=")
+        method, _, value = item.rpartition("=")  # a method name may hold `lever=value`
         try:
             lrs[method] = float(value)
         except ValueError:

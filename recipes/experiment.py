@@ -175,9 +175,12 @@ def run_one(
     budget = match_budget(model, lora_rank, num_adapters, task.lora_targets, batch=calibration[0])
     built = build_method(method, model, calibration, budget, steps, seed, task.lora_targets, topo_positions, head_lr)
     run_dir = checkpoint_dir(output_dir, task.name, method, f"k{per_class}", f"s{seed}", f"r{lora_rank}")
+    # With its own head rate, the optimizer's base rate is the head's and the topo layers' is the method's times
+    # adapter_lr_ratio, expressed as a multiple of it.
+    base_lr = built.head_lr or lr
     outcome = fit(
-        built.model, splits, task.collator, lr, seed, setup, run_dir, built.callbacks, head_name(model),
-        adapter_lr_ratio=built.adapter_lr_ratio,
+        built.model, splits, task.collator, base_lr, seed, setup, run_dir, built.callbacks, head_name(model),
+        adapter_lr_ratio=built.adapter_lr_ratio * lr / base_lr,
     )  # fmt: skip
     if built.after_fit is not None:
         built.after_fit(built)

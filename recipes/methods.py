@@ -28,11 +28,20 @@ LEVERS: dict[str, dict] = {
     "optimized": {"directions": "optimized"},  # output directions U fitted to the calibration loss, not eigenvectors
     "x_tanh": {"activation": "x_tanh"},  # an even, rectifier-like admissible activation instead of silu_tanh
     "per_token": {"rank_by": "per_token"},  # positions ranked by their value per token (CNN feature maps differ)
+    "up": {"train_up": True},  # U trains too (a bottleneck adapter's both sides): fewer neurons at the same budget
+    # the embedding (stem) output never competes: one adapter there was the worst or near-worst position on every
+    # recipe (transfer_diagnostics.md) while the TD ranks it first on EfficientNet and often on the ViT
+    "no_embeddings": {"exclude_positions": ["embeddings"]},
+    # the head trains at the recipe's head-only rate, the topo layers at the method's (one shared rate is a compromise
+    # between the two: on EfficientNet the head-only rate is 33x the topo rate)
+    "head_lr": {"own_head_lr": True},
 }
 # Levers with a value, written `name=value` in a method name (`topo+optimized+step=0.5`): the fraction of the
 # line-searched step the inserted layers take, and the adapters' learning rate as a multiple of the method's (the head
 # keeps the method's rate; hf_topoadapt.optimizers.create_topo_optimizer).
-VALUE_LEVERS: dict[str, str] = {"step": "step_scale", "adapter_lr": "adapter_lr_ratio"}
+# `adapters=N` spreads the budget over N positions instead of the recipe's count (LoRA spreads it over every layer).
+VALUE_LEVERS: dict[str, str] = {"step": "step_scale", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters"}
+WHOLE_LEVERS = ("num_adapters",)
 # The default combination, chosen on validation (benchmarks/results/transfer_levers.md).
 DEFAULT_LEVERS: tuple[str, ...] = ("optimized",)
 
@@ -44,10 +53,16 @@ def topo_options(levers) -> dict:
     for lever in levers:
         name, _, value = lever.partition("=")
         if value and name in VALUE_LEVERS:
+            key = VALUE_LEVERS[name]
             try:
-                options[VALUE_LEVERS[name]] = float(value)
+                number = float(value)
             except ValueError:
                 raise ValueError(f"lever {lever!r} needs a number after '='") from None
+            if key in WHOLE_LEVERS:
+                if number != int(number) or number < 1:
+                    raise ValueError(f"lever {lever!r} needs a whole number >= 1 after '='")
+                number = int(number)
+            options[key] = number
         elif lever in LEVERS:
             options.update(LEVERS[lever])
         else:
@@ -120,6 +135,7 @@ class Built:
     setup_seconds: float = 0.0
     adapter_lr_ratio: float = 1.0  # the topo layers train at this multiple of the method's learning rate (grown
     # layers join the optimizer's adapter group)
+    head_lr: float | None = None  # the head's own rate (the topo layers keep the method's times adapter_lr_ratio)
     # Called after training: adds what happened during it (growth's scoring and insertions) to note, positions and
     # setup_seconds.
     after_fit: Callable[[Built], None] | None = None
@@ -145,7 +161,15 @@ def build_method(
     head = head_name(model)
     variant = GROWN.get(method, topo_variant(method))
     options = dict(variant or {})
-    adapter_lr_ratio = options.pop("adapter_lr_ratio", 1.0)  # an optimizer setting (fit's), not the adapters'
+    adapter_lr_ratio = options.pop("adapter_lr_ratio", 1.0)  # optimizer settings (fit's), not the adapters'
+    own_head_lr = options.pop("own_head_lr", False)
+    if variant is not None:  # a lever that changes what a neuron costs, or over how many positions the budget spreads
+        spread = options.pop("num_adapters", None)
+        if spread is not None:  # more positions than the model has: every candidate, each with its share
+            candidates = topo_candidates(model, options.get("include_head", True), options.get("exclude_positions"))
+            candidates = [c for c in candidates if c in budget.costs]
+            spread = min(spread, len(candidates))
+        budget = budget.adjusted(spread, options.get("train_up", False))
     if method in GROWN:
         built = build_topo_grown(model, calibration, budget, seed, head, options)
     elif variant is not None:
@@ -154,6 +178,7 @@ def build_method(
     else:
         built = _build_baseline(method, model, calibration, budget, total_steps, list(lora_targets), head, head_lr)
     built.adapter_lr_ratio = adapter_lr_ratio
+    built.head_lr = head_lr if own_head_lr else None
     built.setup_seconds = time.perf_counter() - start
     built.trainable = count_trainable(built.model)
     return built
@@ -230,10 +255,10 @@ def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, 
     return Built(wrapped, note="head, grown during training", callbacks=[callback], after_fit=after_fit)
 
 
-def topo_candidates(model: nn.Module, include_head: bool = True) -> list[str]:
+def topo_candidates(model: nn.Module, include_head: bool = True, exclude: list[str] | None = None) -> list[str]:
     from hf_topoadapt.locate import find_positions
 
-    return [p.name for p in find_positions(model, include_head=include_head)]
+    return [p.name for p in find_positions(model, include_head=include_head, exclude=exclude)]
 
 
 def build_topo(
@@ -260,7 +285,8 @@ def build_topo(
         options.pop("neuron_budget", None)
     if positions == "ranked":
         return fit_budget(_topo(model, calibration, head, seed, neurons or budget.request(), init, options), budget)
-    candidates = [c for c in topo_candidates(model, options.get("include_head", True)) if c in budget.costs]
+    candidates = topo_candidates(model, options.get("include_head", True), options.get("exclude_positions"))
+    candidates = [c for c in candidates if c in budget.costs]
     if positions == "fixed":
         if not fixed:
             raise ValueError('positions="fixed" needs the positions: fixed=[...]')

@@ -463,3 +463,76 @@ def test_value_levers_set_the_step_and_the_adapters_learning_rate(tokenizer, tmp
     )  # fmt: skip
     assert len(rates[0]) == 4 and max(rates[0]) > 0  # adapters and head, each with and without weight decay
     assert all(max(r) / min(r) == pytest.approx(5.0) for r in rates if min(r) > 0)
+
+
+def test_budget_adjusted_for_trained_up_directions_and_more_positions():
+    """MiniLM shapes: with U trained a neuron costs 2 * 384 + 1, so 3 adapters get 8 neurons; spread over 6
+    positions each gets 8 (frozen U); the target and head never change."""
+    config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+    config.num_labels = 4
+    budget = match_budget(BertForSequenceClassification(config), 2, 3, ("query", "value"))
+    assert budget.adjusted() is budget
+    up = budget.adjusted(train_up=True)
+    assert (up.target, up.head_params, up.num_adapters, up.topo_neurons) == (19972, 1540, 3, 8)
+    assert set(up.costs.values()) == {769} and up.expected(list(up.costs)[:3], 8) == 3 * 8 * 769 + 1540
+    spread = budget.adjusted(num_adapters=6)
+    assert (spread.num_adapters, spread.topo_neurons, set(spread.costs.values())) == (6, 8, {385})
+
+
+def test_up_and_adapters_levers_change_what_trains_within_the_budget(tokenizer):
+    """`topo+optimized+up` trains U as well and still meets the budget; `adapters=N` is a whole number that sets the
+    positions the budget spreads over; bad values name the lever."""
+    from recipes.methods import topo_options
+
+    assert topo_options(["up", "adapters=2"]) == {
+        "include_head": False, "directions": "coordinate", "train_up": True, "num_adapters": 2,
+    }  # fmt: skip
+    for bad in ("adapters=1.5", "adapters=0"):
+        with pytest.raises(ValueError, match=f"lever '{bad}' needs a whole number >= 1"):
+            topo_options([bad])
+    built, budget, _, _ = tiny_method(tokenizer, "topo+optimized+up")
+    ups = [p for n, p in built.model.named_parameters() if "topo_up" in n]
+    assert ups and all(p.requires_grad for p in ups) and built.model.peft_config["default"].train_up
+    assert abs(budget.relative_gap(built.trainable)) <= 0.10, (built.trainable, budget)
+    built, budget, _, _ = tiny_method(tokenizer, "topo+optimized+adapters=2")
+    assert len(built.model.peft_config["default"].adapter_shapes) == 2
+    assert abs(budget.relative_gap(built.trainable)) <= 0.10, (built.trainable, budget)
+
+
+def test_adapters_lever_beyond_the_candidates_spreads_over_all_of_them(tokenizer):
+    """The tiny BERT has 3 candidate positions besides the head input: `adapters=9` uses those 3 at the full
+    budget instead of sizing 9 adapters' neurons for 3 positions."""
+    built, budget, _, _ = tiny_method(tokenizer, "topo+optimized+adapters=9")
+    assert len(built.model.peft_config["default"].adapter_shapes) == 3
+    assert abs(budget.relative_gap(built.trainable)) <= 0.10, (built.trainable, budget)
+
+
+def test_head_lr_and_no_embeddings_levers(tokenizer, tmp_path, monkeypatch):
+    """`head_lr`: the head trains at the recipe's head-only rate and the topo layers at the method's (run_one passes
+    the head's as the base rate and the layers' as a ratio of it); `no_embeddings`: the embedding output never
+    competes."""
+    from recipes import experiment
+    from recipes.methods import DEFAULT_LRS, topo_options
+
+    assert topo_options(["no_embeddings"])["exclude_positions"] == ["embeddings"]
+    built, *_ = tiny_method(tokenizer, "topo+optimized+no_embeddings")
+    assert "embeddings" not in built.model.peft_config["default"].adapter_shapes
+    assert built.model.peft_config["default"].exclude_positions == ["embeddings"]
+    built, *_ = tiny_method(tokenizer, "topo+optimized+head_lr+adapter_lr=0.5")
+    assert built.head_lr == DEFAULT_LRS["head"] and built.adapter_lr_ratio == 0.5
+    calls = []
+
+    def recording_fit(model, splits, collator, lr, *args, adapter_lr_ratio=1.0, **kwargs):
+        calls.append((lr, adapter_lr_ratio))
+        return real_fit(model, splits, collator, lr, *args, adapter_lr_ratio=adapter_lr_ratio, **kwargs)
+
+    real_fit = experiment.fit
+    monkeypatch.setattr(experiment, "fit", recording_fit)
+    task = tiny_task(tokenizer, 5)
+    for method in ("topo+optimized+head_lr+adapter_lr=0.5", "topo+optimized+adapter_lr=0.5"):
+        run_experiment(
+            task, [method], [2], [0], quiet_setup(epochs=1), lrs={"head": 0.04, "topo": 0.01},
+            lora_rank=1, num_adapters=1, output_dir=str(tmp_path), log=lambda line: None,
+        )  # fmt: skip
+    # head at 0.04 with the layers at 0.01 * 0.5 = 0.04 * 0.125; without the lever both start from the method's 0.01
+    assert calls == [(0.04, pytest.approx(0.125)), (0.01, 0.5)]

@@ -20,7 +20,9 @@ def write_runs(folder, recipe: str, validations: dict[str, list[float]]) -> None
     with open(tt.runs_path(str(folder), recipe), "w") as f:
         for method, values in validations.items():
             for seed, value in enumerate(values):
-                f.write(json.dumps({"method": method, "seed": seed, "validation": value, "accuracy": 0.0}) + "\n")
+                curves = [{"epoch": 1.0, "loss": 1.3 - value}, {"epoch": 2.0, "loss": 1.0 - value}]
+                record = {"method": method, "seed": seed, "validation": value, "accuracy": 0.0, "curves": curves}
+                f.write(json.dumps(record) + "\n")
 
 
 def test_paired_differences_use_shared_seeds_only():
@@ -48,3 +50,8 @@ def test_a_lever_is_adopted_only_when_its_gain_exceeds_its_standard_error(tmp_pa
     text = (tmp_path / "transfer_training.md").read_text()
     assert "**Adopted: step=0.5.**" in text and "+0.0200" in text
     assert json.loads((tmp_path / "transfer_training.json").read_text())["adopt"] == ["step=0.5"]
+    # the loss table reads each run's lowest validation loss (here 1 - accuracy): the same gains with the sign flipped
+    losses = {row["lever"]: row for row in result["loss_rows"]}
+    assert losses["step=0.5"]["mean_gain"] == pytest.approx(-0.02)
+    assert losses["(default)"]["recipes"]["vit_digits"]["mean"] == pytest.approx(1.0 - 0.6)
+    assert "## The lowest validation loss" in text and "-0.020 ± 0.003" in text
