@@ -20,7 +20,7 @@ import math
 import os
 import statistics
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -29,15 +29,13 @@ for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 from benchmarks.transfer_lr_grid import SMALLEST, recipe_task  # noqa: E402
 from recipes.experiment import load_runs, run_experiment  # noqa: E402
-from recipes.methods import DEFAULT_LEVERS, lr_for  # noqa: E402
+from recipes.methods import DEFAULT_LEVERS, lever_off, lr_for  # noqa: E402
 
 RECIPES = ("minilm_topics", "effnet_mnist", "vit_digits")
 RANKS = (1, 2, 4, 8)
 CURVES = ("lora", "adalora", "topo", "topo_grown")
 REFERENCE = ("head", "full")
 ABLATION_RANK = 2
-# Methods whose options follow DEFAULT_LEVERS: an earlier file's run of them may have had other defaults.
-TOPO_BY_DEFAULTS = ("topo", "topo_grown", "topo_random_positions", "topo_last_blocks", "bottleneck_at_topo")
 OUT = os.path.join(ROOT, "benchmarks", "results")
 GOAL_MARGIN = 0.02  # topo above LoRA by >= 2 points at the r=2 budget
 GOAL_TOLERANCE = 0.01  # and nowhere below it by more than 1 point
@@ -46,7 +44,7 @@ GOAL_TOLERANCE = 0.01  # and nowhere below it by more than 1 point
 def ablations() -> list[str]:
     return [
         "topo_paper",
-        *[f"topo_no_{lever}" for lever in DEFAULT_LEVERS if len(DEFAULT_LEVERS) > 1],  # one lever: topo_paper
+        *[lever_off(lever) for lever in DEFAULT_LEVERS if len(DEFAULT_LEVERS) > 1],  # one lever: topo_paper
         "topo_random_positions",
         "bottleneck_at_topo",
     ]
@@ -57,25 +55,22 @@ def lever_name(levers) -> str:
 
 
 def reuse_earlier_runs(recipe: str, output_dir: str, runs_file: str, lrs: dict) -> int:
-    """Copies into the frontier's runs file the runs of the lr grid and the lever selection that are this plan's runs
-    under another name (`topo+<default levers>` is `topo`, `topo+` is `topo_paper`). Returns how many."""
-    rename: dict[str, list[str]] = {lever_name(()): ["topo_paper"]}
-    rename.setdefault(lever_name(DEFAULT_LEVERS), []).append("topo")  # both, when no lever is on by default
+    """Copies into the frontier's runs file the baseline runs (head, full, LoRA, AdaLoRA) of the lr grid and the
+    lever selection with this plan's settings. Topo runs are never reused: what they computed changed with the
+    defaults and the solvers of their day (eigenvector signs, the neuron cap). Returns how many."""
     have = load_runs(runs_file)
     added = 0
     for source in (f"transfer_lr_grid_{recipe}_runs.jsonl", f"transfer_levers_{recipe}_runs.jsonl"):
         for result in load_runs(os.path.join(output_dir, source)).values():
-            if result.method in TOPO_BY_DEFAULTS:  # what they meant depended on the defaults of their day
+            if result.method.startswith(("topo", "bottleneck")):
                 continue
-            for name in rename.get(result.method, [result.method]):
-                copy = replace(result, method=name)
-                same_rate = math.isclose(copy.lr, lr_for(name, lrs))
-                if name.startswith("topo+") or copy.key in have or not same_rate:
-                    continue
-                with open(runs_file, "a") as f:
-                    f.write(json.dumps(asdict(copy)) + "\n")
-                have[copy.key] = copy
-                added += 1
+            same_rate = math.isclose(result.lr, lr_for(result.method, lrs))
+            if result.key in have or not same_rate:
+                continue
+            with open(runs_file, "a") as f:
+                f.write(json.dumps(asdict(result)) + "\n")
+            have[result.key] = result
+            added += 1
     return added
 
 

@@ -4,7 +4,10 @@ The levers of issue 9's "inserted layer's optimisation": a fraction of the line-
 starts closer to zero and fits the calibration examples less), the adapters' own learning rate (`adapter_lr=R`:
 create_topo_optimizer, the head keeps the method's rate), an even, rectifier-like activation (`x_tanh`), and, for
 where the layers go, positions ranked by their value per token (`per_token`: a no-op where every position sees the
-same tokens, as in a transformer). Every variant runs on the same seeds as the default, so each seed gives a paired
+same tokens, as in a transformer); and what differs most from LoRA: U trained as well (`up`, half the neurons), the
+budget spread over more or fewer positions (`adapters=N`), the embedding output out of the competition
+(`no_embeddings`: the worst single position in transfer_diagnostics.md), the head at its own head-only rate
+(`head_lr`). Every variant runs on the same seeds as the default, so each seed gives a paired
 difference; a lever is adopted only when its mean paired gain, averaged over the recipes, is above zero by more than
 its standard error. LoRA at the recipe's rank is the reference row. The test split is not looked at.
 
@@ -30,7 +33,7 @@ for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(name, "1")
 
 from benchmarks.transfer_lr_grid import SMALLEST, recipe_task  # noqa: E402
-from recipes.methods import DEFAULT_LEVERS, lr_for  # noqa: E402
+from recipes.methods import lr_for  # noqa: E402
 
 RECIPES = ("minilm_topics", "effnet_mnist", "vit_digits")
 LEVERS = (
@@ -41,12 +44,17 @@ SEEDS = {"minilm_topics": [0, 1, 2, 3, 4], "effnet_mnist": [0, 1, 2], "vit_digit
 OUT = os.path.join(ROOT, "benchmarks", "results")
 
 
+# The default these levers were measured against (each added alone to it); the recipes' default since adds the one
+# adopted here (recipes.methods.DEFAULT_LEVERS).
+BASE_LEVERS = ("optimized",)
+
+
 def default_method() -> str:
-    return "topo+" + "+".join(sorted(DEFAULT_LEVERS))
+    return "topo+" + "+".join(sorted(BASE_LEVERS))
 
 
 def with_lever(lever: str) -> str:
-    return "topo+" + "+".join([*sorted(DEFAULT_LEVERS), lever])
+    return "topo+" + "+".join([*sorted(BASE_LEVERS), lever])
 
 
 def runs_path(output_dir: str, recipe: str) -> str:
@@ -162,10 +170,15 @@ def write(result: dict, output_dir: str) -> None:
     lines = [
         "# How the inserted layers train, chosen on validation",
         "",
-        f"Each lever added alone to the topo default (`{result['default']}`), at the smallest size of every recipe, "
-        "the recipe's learning rate for topo. Cells: validation accuracy mean ± std over seeds, and the mean paired "
-        "difference to the default on the same seeds ± its standard error. A lever is adopted when its gain averaged "
-        "over the recipes exceeds its standard error. Regenerate with `python benchmarks/transfer_training.py`.",
+        f"Each lever added alone to the topo default of the time (`{result['default']}`), at the smallest size of "
+        "every recipe, the recipe's learning rate for topo. Cells: validation accuracy mean ± std over seeds, and the "
+        "mean paired difference to that default on the same seeds ± its standard error. A lever is adopted when its "
+        "gain averaged over the recipes exceeds its standard error; an adopted lever joins the recipes' default "
+        "(recipes.methods.DEFAULT_LEVERS) and the library's. Levers: `step=S` (a fraction of the line-searched "
+        "step), `adapter_lr=R` (the layers at R times the rate), `x_tanh` (activation), `per_token` (ranking), `up` "
+        "(U trained too, fewer neurons), `adapters=N` (the budget over N positions), `no_embeddings` (the embedding "
+        "output does not compete), `head_lr` (the head at the recipe's head-only rate). Regenerate with "
+        "`python benchmarks/transfer_training.py`.",
         "",
         f"**Adopted: {', '.join(result['adopt']) or 'none'}.**",
         "",

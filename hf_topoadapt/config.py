@@ -68,6 +68,12 @@ class ScoringConfig:
             "model's candidates are scored. peft's exclude_modules, for positions."
         },
     )
+    include_embeddings: bool = field(
+        default=True,
+        metadata={
+            "help": "Let the input of the first block (position 'embeddings': the embedding or stem output) compete."
+        },
+    )
     include_head: bool = field(
         default=True,
         metadata={
@@ -308,8 +314,17 @@ INITS = ("eigen", "random")
 @dataclass
 class _TopoAdapterFields:
     num_adapters: int = field(default=1, metadata={"help": "How many layers to insert: at the top-k ranked positions."})
-    # Adapters default to optimised output directions: chosen on validation over the paper's coordinate axes and the
-    # other levers (benchmarks/results/transfer_levers.md); ScoringConfig (insert_layer, growth) keeps the paper's.
+    # Adapters default to optimised output directions and positions after the embeddings: chosen on validation over
+    # the paper's coordinate axes and the other levers (benchmarks/results/transfer_levers.md, transfer_training.md);
+    # ScoringConfig (insert_layer, growth) keeps the paper's.
+    include_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Let the embedding (stem) output compete. Off by default: a layer there was the worst or "
+            "near-worst position in the recipes' diagnostics, and skipping it was the one lever that helped on "
+            "validation."
+        },
+    )
     directions: str = field(
         default="optimized",
         metadata={"help": "'optimized' (default): METHOD.md section 5; 'coordinate': the paper's layer (output axes)."},

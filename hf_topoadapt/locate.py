@@ -150,14 +150,14 @@ def find_positions(
     include_head: bool = True,
     head_path: str | None = None,
     exclude: list[str] | None = None,
+    include_embeddings: bool = True,
 ) -> list[Position]:
     """All candidate positions in depth order but the `exclude`d ones, or the named ones (in the order of the
     model)."""
     if positions is not None and not positions:
         raise PositionsNotFoundError("positions is an empty list: name at least one position, or pass None for all")
     if exclude:
-        candidates = find_positions(model, block_path, None, include_head, head_path)
-        names = [p.name for p in candidates]
+        names = [p.name for p in find_positions(model, block_path, None, True, head_path)]  # any position's name
         unknown = [name for name in exclude if name not in names]
         if unknown:
             raise PositionsNotFoundError(
@@ -167,7 +167,8 @@ def find_positions(
             clash = sorted(set(positions) & set(exclude))
             if clash:
                 raise ValueError(f"{clash} are both in positions and in exclude_positions: drop them from one of them")
-            return find_positions(model, block_path, positions, include_head, head_path)
+            return find_positions(model, block_path, positions, include_head, head_path, None, include_embeddings)
+        candidates = find_positions(model, block_path, None, include_head, head_path, None, include_embeddings)
         kept = [p for p in candidates if p.name not in exclude]  # depth indices stay those of the model
         if not kept:
             raise PositionsNotFoundError(f"exclude_positions {list(exclude)} leaves no position to score")
@@ -180,10 +181,11 @@ def find_positions(
         path, blocks = None, None
     found: list[Position] = []
     if blocks is not None:
-        found.append(Position("embeddings", blocks[0], "input", index=0, kind="embeddings"))
+        if include_embeddings or (positions is not None and "embeddings" in positions):  # asked for by name
+            found.append(Position("embeddings", blocks[0], "input", index=0, kind="embeddings"))
         found += [Position(f"{path}.{i}", block, "output", index=i + 1, kind="block") for i, block in enumerate(blocks)]
         if include_head or (positions is not None and HEAD_INPUT in positions):  # asked for by name
-            found += head_positions(model, head_path, len(found))
+            found += head_positions(model, head_path, len(blocks) + 1)  # depth: after the embeddings and blocks
     if positions is None:
         return found
     by_name = {p.name: p for p in found}

@@ -285,6 +285,7 @@ def get_topo_model(
         scoring.include_head,
         scoring.head_path,
         exclude=None if config.target_modules else scoring.exclude_positions,
+        include_embeddings=scoring.include_embeddings,
     )
     warmed = _warm_up_head(model, config, batches, loss_fn)
     if config.init == "random":

@@ -195,8 +195,9 @@ def score_round(
     config = ScoringConfig.from_any(config)
     _, curvature = resolve_activation(config.activation)
     positions = find_positions(
-        model, config.block_path, config.positions, config.include_head, config.head_path, config.exclude_positions
-    )
+        model, config.block_path, config.positions, config.include_head, config.head_path, config.exclude_positions,
+        config.include_embeddings,
+    )  # fmt: skip
     dtype = compute_dtype(model, config)
     device = model_device(model)
     budget = pair_memory(config, device, len(positions))

@@ -31,7 +31,7 @@ LEVERS: dict[str, dict] = {
     "up": {"train_up": True},  # U trains too (a bottleneck adapter's both sides): fewer neurons at the same budget
     # the embedding (stem) output never competes: one adapter there was the worst or near-worst position on every
     # recipe (transfer_diagnostics.md) while the TD ranks it first on EfficientNet and often on the ViT
-    "no_embeddings": {"exclude_positions": ["embeddings"]},
+    "no_embeddings": {"include_embeddings": False},
     # the head trains at the recipe's head-only rate, the topo layers at the method's (one shared rate is a compromise
     # between the two: on EfficientNet the head-only rate is 33x the topo rate)
     "head_lr": {"own_head_lr": True},
@@ -42,14 +42,20 @@ LEVERS: dict[str, dict] = {
 # `adapters=N` spreads the budget over N positions instead of the recipe's count (LoRA spreads it over every layer).
 VALUE_LEVERS: dict[str, str] = {"step": "step_scale", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters"}
 WHOLE_LEVERS = ("num_adapters",)
-# The default combination, chosen on validation (benchmarks/results/transfer_levers.md).
-DEFAULT_LEVERS: tuple[str, ...] = ("optimized",)
+# The default combination, chosen on validation: optimized by the greedy selection (benchmarks/results/
+# transfer_levers.md), no_embeddings added to it by the one-lever-at-a-time measurement (transfer_training.md).
+DEFAULT_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized")
+
+
+def lever_off(lever: str) -> str:
+    """The ablation with one default lever switched off."""
+    return "topo_with_embeddings" if lever == "no_embeddings" else f"topo_no_{lever}"
 
 
 def topo_options(levers) -> dict:
     """TopoAdapterConfig options of a lever set; a lever not in it is off (explicitly: the library's own defaults
     are the chosen levers)."""
-    options = {"include_head": False, "directions": "coordinate"}
+    options = {"include_head": False, "include_embeddings": True, "directions": "coordinate"}
     for lever in levers:
         name, _, value = lever.partition("=")
         if value and name in VALUE_LEVERS:
@@ -77,7 +83,7 @@ TOPO_VARIANTS: dict[str, dict] = {
     "topo": topo_options(DEFAULT_LEVERS),
     "topo_paper": topo_options(()),  # none of the levers: the paper's layer at the top-k eigenvalues
     **{  # with one default lever, switching it off is topo_paper
-        f"topo_no_{lever}": topo_options(set(DEFAULT_LEVERS) - {lever})
+        lever_off(lever): topo_options(set(DEFAULT_LEVERS) - {lever})
         for lever in DEFAULT_LEVERS
         if len(DEFAULT_LEVERS) > 1
     },
@@ -96,6 +102,9 @@ METHODS = ("head", "head_warmup", "full", "lora", "adalora", *TOPO_FAMILY)
 MATCHED = ("lora", "adalora", *TOPO_FAMILY)
 # Learning rate per method family (recipes override them with the values chosen on their validation splits).
 DEFAULT_LRS = {"head": 2e-2, "full": 2e-4, "peft": 1e-2}
+
+
+TOPO_POSITION_OPTIONS = ("include_head", "include_embeddings", "exclude_positions")
 
 
 def lever_method(method: str) -> dict | None:
@@ -166,7 +175,7 @@ def build_method(
     if variant is not None:  # a lever that changes what a neuron costs, or over how many positions the budget spreads
         spread = options.pop("num_adapters", None)
         if spread is not None:  # more positions than the model has: every candidate, each with its share
-            candidates = topo_candidates(model, options.get("include_head", True), options.get("exclude_positions"))
+            candidates = topo_candidates(model, options)
             candidates = [c for c in candidates if c in budget.costs]
             spread = min(spread, len(candidates))
         budget = budget.adjusted(spread, options.get("train_up", False))
@@ -255,10 +264,19 @@ def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, 
     return Built(wrapped, note="head, grown during training", callbacks=[callback], after_fit=after_fit)
 
 
-def topo_candidates(model: nn.Module, include_head: bool = True, exclude: list[str] | None = None) -> list[str]:
+def topo_candidates(model: nn.Module, options: dict) -> list[str]:
+    """The positions a topo variant with these TopoAdapterConfig options ranks (the library's defaults for the rest)."""
+    import hf_topoadapt as hta
     from hf_topoadapt.locate import find_positions
 
-    return [p.name for p in find_positions(model, include_head=include_head, exclude=exclude)]
+    config = hta.TopoAdapterConfig(**{k: v for k, v in options.items() if k in TOPO_POSITION_OPTIONS})
+    return [
+        p.name
+        for p in find_positions(
+            model, include_head=config.include_head, exclude=config.exclude_positions,
+            include_embeddings=config.include_embeddings,
+        )
+    ]  # fmt: skip
 
 
 def build_topo(
@@ -285,7 +303,7 @@ def build_topo(
         options.pop("neuron_budget", None)
     if positions == "ranked":
         return fit_budget(_topo(model, calibration, head, seed, neurons or budget.request(), init, options), budget)
-    candidates = topo_candidates(model, options.get("include_head", True), options.get("exclude_positions"))
+    candidates = topo_candidates(model, options)
     candidates = [c for c in candidates if c in budget.costs]
     if positions == "fixed":
         if not fixed:

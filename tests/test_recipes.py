@@ -6,6 +6,7 @@ allocation), the command line with local files, saving with a Hub card, and seve
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -66,9 +67,9 @@ def tokenizer(tmp_path_factory):
     return BertTokenizerFast(vocab_file=str(path))
 
 
-def tiny_bert(num_labels: int = 3) -> BertForSequenceClassification:
+def tiny_bert(num_labels: int = 3, layers: int = 2) -> BertForSequenceClassification:
     config = BertConfig(
-        vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=40, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=32, num_labels=num_labels, attn_implementation="eager",
     )  # fmt: skip
     return BertForSequenceClassification(config)
@@ -412,7 +413,7 @@ def test_topo_grown_adds_layers_during_training_up_to_the_budget(tokenizer, tmp_
     head, until num_adapters layers; the run records where, when, and the time growth took as setup time."""
     from recipes.methods import GROW_EVERY
 
-    task = tiny_task(tokenizer)
+    task = dataclasses.replace(tiny_task(tokenizer), model_factory=lambda: tiny_bert(layers=3))  # 3 candidates
     (result,) = run_experiment(
         task, ["topo_grown"], per_class=[4], seeds=[0], setup=quiet_setup(epochs=2 * GROW_EVERY + 1), lora_rank=1,
         num_adapters=2, test_per_class=5, output_dir=str(tmp_path), log=lambda _: None,
@@ -443,7 +444,8 @@ def test_value_levers_set_the_step_and_the_adapters_learning_rate(tokenizer, tmp
     from recipes.methods import topo_options
 
     assert topo_options(["optimized", "step=0.5", "adapter_lr=0.2"]) == {
-        "include_head": False, "directions": "optimized", "step_scale": 0.5, "adapter_lr_ratio": 0.2,
+        "include_head": False, "include_embeddings": True, "directions": "optimized", "step_scale": 0.5,
+        "adapter_lr_ratio": 0.2,
     }  # fmt: skip
     with pytest.raises(ValueError, match="lever 'step=half' needs a number"):
         topo_options(["step=half"])
@@ -485,7 +487,8 @@ def test_up_and_adapters_levers_change_what_trains_within_the_budget(tokenizer):
     from recipes.methods import topo_options
 
     assert topo_options(["up", "adapters=2"]) == {
-        "include_head": False, "directions": "coordinate", "train_up": True, "num_adapters": 2,
+        "include_head": False, "include_embeddings": True, "directions": "coordinate", "train_up": True,
+        "num_adapters": 2,
     }  # fmt: skip
     for bad in ("adapters=1.5", "adapters=0"):
         with pytest.raises(ValueError, match=f"lever '{bad}' needs a whole number >= 1"):
@@ -514,10 +517,11 @@ def test_head_lr_and_no_embeddings_levers(tokenizer, tmp_path, monkeypatch):
     from recipes import experiment
     from recipes.methods import DEFAULT_LRS, topo_options
 
-    assert topo_options(["no_embeddings"])["exclude_positions"] == ["embeddings"]
+    assert topo_options(["no_embeddings"])["include_embeddings"] is False
+    assert topo_options([])["include_embeddings"] is True  # off: the paper's candidates, whatever the library default
     built, *_ = tiny_method(tokenizer, "topo+optimized+no_embeddings")
     assert "embeddings" not in built.model.peft_config["default"].adapter_shapes
-    assert built.model.peft_config["default"].exclude_positions == ["embeddings"]
+    assert built.model.peft_config["default"].include_embeddings is False
     built, *_ = tiny_method(tokenizer, "topo+optimized+head_lr+adapter_lr=0.5")
     assert built.head_lr == DEFAULT_LRS["head"] and built.adapter_lr_ratio == 0.5
     calls = []

@@ -128,8 +128,8 @@ def test_growth_adds_topo_layers_to_the_adapter_and_extends_the_optimizer(tmp_pa
     grower = TopoModelGrower(model, GrowthConfig(schedule=[1]), optimizer=optimizer)
     optimizer.zero_grad(set_to_none=True)
 
-    # Until no position is left: those of a 2-block BERT include block 0's input (embeddings) and its output, and
-    # the classifier's input.
+    # Until no position is left: those of a 2-block BERT are the blocks' outputs and the classifier's input (the
+    # embedding output does not compete by default: TopoAdapterConfig.include_embeddings).
     for _ in range(5):
         before = {id(p) for g in optimizer.param_groups for p in g["params"]}
         entry = grower.grow_now(batches, epoch=1.0)
@@ -148,7 +148,8 @@ def test_growth_adds_topo_layers_to_the_adapter_and_extends_the_optimizer(tmp_pa
     grown = [e["position"] for e in grower.log if e["accepted"]]
     assert len(grown) >= 2 and list(config.adapter_shapes) == start_positions + grown
     assert config.target_modules == list(config.adapter_shapes)
-    assert {"embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1"} <= set(grown + start_positions)
+    assert {"bert.encoder.layer.0", "bert.encoder.layer.1"} <= set(grown + start_positions)
+    assert "embeddings" not in grown + start_positions
     layers = len(config.adapter_shapes)
     assert len(topo_layers(model)) == layers
     trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}

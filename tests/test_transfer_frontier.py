@@ -1,5 +1,5 @@
-"""benchmarks/transfer_frontier.py's bookkeeping, on synthetic runs (no training): runs of the lr grid and the lever
-selection are reused under their frontier names only at the chosen rates, the summary keeps the chosen rate, the
+"""benchmarks/transfer_frontier.py's bookkeeping, on synthetic runs (no training): baseline runs of the lr grid and
+the lever selection are reused only at the chosen rates (topo runs never), the summary keeps the chosen rate, the
 goal of issue 9 is judged per rank, and the report and plots are written."""
 
 from __future__ import annotations
@@ -43,19 +43,21 @@ def write(path, runs) -> None:
             f.write(json.dumps(asdict(r)) + "\n")
 
 
-def test_reuse_renames_lever_runs_and_skips_other_rates(tmp_path, lrs):
-    topo_lr, lora_lr = lr_for("topo", lrs), lr_for("lora", lrs)
-    write(tmp_path / f"transfer_lr_grid_{RECIPE}_runs.jsonl",
-          [run("lora", 0, 2, 0.6, lora_lr), run("lora", 0, 2, 0.1, lora_lr * 10)])  # fmt: skip
+def test_reuse_takes_baseline_runs_at_the_chosen_rates_and_never_topo_runs(tmp_path, lrs):
+    topo_lr, lora_lr, head_lr = lr_for("topo", lrs), lr_for("lora", lrs), lr_for("head", lrs)
+    write(
+        tmp_path / f"transfer_lr_grid_{RECIPE}_runs.jsonl",
+        [run("lora", 0, 2, 0.6, lora_lr), run("lora", 0, 2, 0.1, lora_lr * 10), run("head", 0, 2, 0.5, head_lr)],
+    )
     default = "topo+" + "+".join(sorted(DEFAULT_LEVERS))
     write(tmp_path / f"transfer_levers_{RECIPE}_runs.jsonl",
-          [run(default, 0, 2, 0.7, topo_lr), run("topo+", 0, 2, 0.5, topo_lr), run("topo+zzz", 0, 2, 0.5, topo_lr),
-           run("topo", 1, 2, 0.5, topo_lr)])  # "topo" of an earlier day: its defaults may have differed
+          [run(default, 0, 2, 0.7, topo_lr), run("topo+", 0, 2, 0.5, topo_lr), run("topo", 1, 2, 0.5, topo_lr),
+           run("bottleneck_at_topo", 1, 2, 0.5, topo_lr)])  # fmt: skip
 
     runs_file = tmp_path / f"transfer_frontier_{RECIPE}_runs.jsonl"
     added = tf.reuse_earlier_runs(RECIPE, str(tmp_path), str(runs_file), lrs)
     methods = sorted((r.method, r.lr) for r in load_runs(str(runs_file)).values())
-    expected = sorted([("lora", lora_lr), ("topo", topo_lr), ("topo_paper", topo_lr)])
+    expected = sorted([("lora", lora_lr), ("head", head_lr)])
     assert methods == expected and added == len(expected)
     assert tf.reuse_earlier_runs(RECIPE, str(tmp_path), str(runs_file), lrs) == 0  # nothing twice
 

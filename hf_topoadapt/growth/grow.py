@@ -326,6 +326,7 @@ class Grower:
             scoring.include_head,
             scoring.head_path,
             exclude=scoring.exclude_positions,
+            include_embeddings=scoring.include_embeddings,
         )
         entry = {
             "epoch": epoch,

@@ -256,6 +256,7 @@ class TopoModelGrower(Grower):
             config.include_head,
             config.head_path,
             exclude=config.exclude_positions,
+            include_embeddings=config.include_embeddings,
         )
         taken = set(config.adapter_shapes or {})
         return [p.name for p in found if p.name not in taken], {p.name: p.index for p in found}

@@ -1,5 +1,6 @@
-"""`exclude_positions`: positions that never compete (peft's exclude_modules, for positions), through position
-finding, scoring, get_topo_model, save / load and growth of a TopoModel; bad names are clear errors."""
+"""Which positions compete: `exclude_positions` (peft's exclude_modules, for positions) through position finding,
+scoring, get_topo_model, save / load and growth of a TopoModel, bad names being clear errors; and
+`include_embeddings`, off by default for adapters (chosen on validation) and on for ScoringConfig (the paper's)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,21 @@ def test_growth_of_a_topo_model_never_inserts_at_an_excluded_position():
             break
         inserted.append(entry["position"])
     assert inserted and not {"embeddings", "bert.encoder.layer.0"} & set(inserted)
+
+
+def test_adapters_skip_the_embedding_output_by_default_unless_asked_for_it():
+    assert hta.ScoringConfig().include_embeddings and not hta.TopoAdapterConfig().include_embeddings
+    model, batches, *_ = hf_bert(0)
+    every = [p.name for p in find_positions(model)]
+    skipped = find_positions(model, include_embeddings=False)
+    assert [p.name for p in skipped] == every[1:] and every[0] == "embeddings"
+    assert [p.index for p in skipped] == list(range(1, len(every)))  # the others keep their depth
+    config = hta.TopoAdapterConfig(num_adapters=3, modules_to_save=["classifier"], line_search_steps=4)
+    adapted = hta.get_topo_model(model, config, calibration_data=batches)
+    assert "embeddings" not in {s["name"] for s in adapted.topo_report.scores}
+    assert "embeddings" not in config.adapter_shapes
+    named = hta.TopoAdapterConfig(target_modules=["embeddings"], modules_to_save=["classifier"], line_search_steps=4)
+    hta.get_topo_model(hf_bert(0)[0], named, calibration_data=batches)  # named: it competes whatever the default
+    assert list(named.adapter_shapes) == ["embeddings"]
+    with_it = hta.TopoAdapterConfig(include_embeddings=True, exclude_positions=["head_input"])
+    assert "embeddings" in {s.name for s in score_positions(hf_bert(0)[0], batches, with_it.scoring_config())}
