@@ -269,3 +269,18 @@ def test_adapt_saves_a_loadable_adapter(tiny_bert, tmp_path, capsys):
         with loaded.disable_adapter():
             plain = loaded(**batch).logits
     assert not torch.allclose(adapted, plain)
+
+
+def test_adapt_lets_the_embedding_output_compete_only_when_asked(tiny_bert, tmp_path, capsys):
+    """The adapters' default leaves the embedding output out of the ranking; --include-embeddings brings the paper's
+    candidates back, and the saved config records which."""
+    scored = {}
+    for flag in ([], ["--include-embeddings"]):
+        out_dir = tmp_path / ("with" if flag else "without")
+        assert main(["adapt", "--model", tiny_bert, "--num-adapters", "1", "--output-dir", str(out_dir), *flag]) == 0
+        saved = json.loads((out_dir / "adapter_config.json").read_text())
+        report = json.loads((out_dir / "topo_report.json").read_text())
+        scored[bool(flag)] = (saved["include_embeddings"], {s["name"] for s in report["scores"]})
+    capsys.readouterr()
+    assert scored[False][0] is False and "embeddings" not in scored[False][1]
+    assert scored[True][0] is True and "embeddings" in scored[True][1]

@@ -399,6 +399,12 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         help="'optimized': output directions fitted to the calibration loss (chosen on validation); 'coordinate': "
         "the paper's layer (default: %(default)s)",
     )
+    group.add_argument(
+        "--include-embeddings",
+        action="store_true",
+        help="let the embedding (stem) output compete, as in the paper (default: off, chosen on validation: a layer "
+        "there was the worst position in the recipes)",
+    )
     group.add_argument("--solver", choices=SOLVERS, default="auto", help="eigen-solver (default: %(default)s)")
     parser.add_argument(
         "--output-dir",
@@ -434,6 +440,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         num_adapters=args.num_adapters,
         neurons=args.neurons,
         directions=args.directions,
+        include_embeddings=args.include_embeddings,
         solver=args.solver,
         block_path=args.block_path,
         seed=args.seed,
