@@ -143,6 +143,15 @@ def head_positions(model: nn.Module, head_path: str | None, start_index: int) ->
     return positions
 
 
+def config_positions(model: nn.Module, config, named: list[str] | None = None) -> list[Position]:
+    """The positions a scoring config lets compete (its block_path, positions, include_head, head_path,
+    exclude_positions and include_embeddings), or the `named` ones (an adapter's fixed target_modules) as they are."""
+    return find_positions(
+        model, config.block_path, named or config.positions, config.include_head, config.head_path,
+        exclude=None if named else config.exclude_positions, include_embeddings=config.include_embeddings,
+    )  # fmt: skip
+
+
 def find_positions(
     model: nn.Module,
     block_path: str | None = None,
@@ -157,22 +166,7 @@ def find_positions(
     if positions is not None and not positions:
         raise PositionsNotFoundError("positions is an empty list: name at least one position, or pass None for all")
     if exclude:
-        names = [p.name for p in find_positions(model, block_path, None, True, head_path)]  # any position's name
-        unknown = [name for name in exclude if name not in names]
-        if unknown:
-            raise PositionsNotFoundError(
-                f"exclude_positions names {unknown}, which are not candidate positions of this model; they are {names}"
-            )
-        if positions is not None:
-            clash = sorted(set(positions) & set(exclude))
-            if clash:
-                raise ValueError(f"{clash} are both in positions and in exclude_positions: drop them from one of them")
-            return find_positions(model, block_path, positions, include_head, head_path, None, include_embeddings)
-        candidates = find_positions(model, block_path, None, include_head, head_path, None, include_embeddings)
-        kept = [p for p in candidates if p.name not in exclude]  # depth indices stay those of the model
-        if not kept:
-            raise PositionsNotFoundError(f"exclude_positions {list(exclude)} leaves no position to score")
-        return kept
+        _check_exclusions(model, block_path, positions, head_path, exclude)
     try:
         path, blocks = find_block_list(model, block_path)
     except PositionsNotFoundError:
@@ -187,6 +181,9 @@ def find_positions(
         if include_head or (positions is not None and HEAD_INPUT in positions):  # asked for by name
             found += head_positions(model, head_path, len(blocks) + 1)  # depth: after the embeddings and blocks
     if positions is None:
+        found = [p for p in found if p.name not in (exclude or ())]  # depth indices stay those of the model
+        if not found and exclude:
+            raise PositionsNotFoundError(f"exclude_positions {list(exclude)} leaves no position to score")
         return found
     by_name = {p.name: p for p in found}
     chosen = []
@@ -200,3 +197,17 @@ def find_positions(
     last = {"embeddings": -1, HEAD_INPUT: len(order)}  # not module paths: first and last in depth
     chosen.sort(key=lambda p: last[p.name] if p.name in last else order[p.name])
     return [Position(p.name, p.module, p.where, index=i, kind=p.kind) for i, p in enumerate(chosen)]
+
+
+def _check_exclusions(model, block_path, positions, head_path, exclude) -> None:
+    """Every excluded name is a position of the model (a typo would silently exclude nothing), and none is also
+    named in `positions`."""
+    names = [p.name for p in find_positions(model, block_path, None, True, head_path)]
+    unknown = [name for name in exclude if name not in names]
+    if unknown:
+        raise PositionsNotFoundError(
+            f"exclude_positions names {unknown}, which are not candidate positions of this model; they are {names}"
+        )
+    clash = sorted(set(positions or ()) & set(exclude))
+    if clash:
+        raise ValueError(f"{clash} are both in positions and in exclude_positions: drop them from one of them")

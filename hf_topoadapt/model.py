@@ -23,7 +23,7 @@ from .cards import render_model_card
 from .config import TopoAdapterConfig
 from .insertion import InsertionRecord, insert_layer
 from .layers import ADAPTER_ATTRIBUTE, TopoAdapter, attach, detach, factory_kwargs
-from .locate import Position, find_positions
+from .locate import Position, config_positions
 from .report import TopoReport
 from .scoring import score_round
 from .sensitivity.capture import transform_stream
@@ -278,15 +278,7 @@ def get_topo_model(
         if config.calibration_batches is not None:
             batches = batches[: config.calibration_batches]
     scoring = config.scoring_config()
-    candidates = find_positions(
-        model,
-        scoring.block_path,
-        config.target_modules or scoring.positions,
-        scoring.include_head,
-        scoring.head_path,
-        exclude=None if config.target_modules else scoring.exclude_positions,
-        include_embeddings=scoring.include_embeddings,
-    )
+    candidates = config_positions(model, scoring, named=config.target_modules)
     warmed = _warm_up_head(model, config, batches, loss_fn)
     if config.init == "random":
         records = _random_insertions(model, config, candidates, batches, loss_fn)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .activations import resolve_activation
 from .config import ScoringConfig
-from .locate import find_positions
+from .locate import config_positions
 from .sensitivity.capture import PairAccumulator, capture
 from .sensitivity.crossfit import CrossFitted, SplitAccumulator, cross_fit, crossfit_spectrum
 from .sensitivity.directions import coordinate_directions
@@ -194,10 +194,7 @@ def score_round(
     """score_positions that also keeps each position's operator and spectrum, and J (for insertion)."""
     config = ScoringConfig.from_any(config)
     _, curvature = resolve_activation(config.activation)
-    positions = find_positions(
-        model, config.block_path, config.positions, config.include_head, config.head_path, config.exclude_positions,
-        config.include_embeddings,
-    )  # fmt: skip
+    positions = config_positions(model, config)
     dtype = compute_dtype(model, config)
     device = model_device(model)
     budget = pair_memory(config, device, len(positions))

@@ -154,10 +154,7 @@ class Budget:
             return self
         count = self.num_adapters if num_adapters is None else num_adapters
         costs = {p: c + self.widths[p] for p, c in self.costs.items()} if train_up else dict(self.costs)
-        typical = statistics.median(costs.values())
-        neurons = max(1, round((self.target - self.head_params) / (count * typical)))
-        expected = round(count * neurons * typical) + self.head_params
-        return Budget(self.lora_rank, count, neurons, self.head_params, self.target, expected, costs, self.widths)
+        return sized_budget(self.lora_rank, count, self.head_params, self.target, costs, self.widths)
 
     @property
     def uniform(self) -> bool:
@@ -181,6 +178,11 @@ def match_budget(
     head_params = sum(p.numel() for p in model.get_submodule(head_name(model)).parameters())
     costs, widths = position_costs(model, batch, kernel_size)
     target = lora_rank * lora_params_per_rank(model, lora_targets) + head_params
+    return sized_budget(lora_rank, num_adapters, head_params, target, costs, widths)
+
+
+def sized_budget(lora_rank, num_adapters, head_params, target, costs, widths) -> Budget:
+    """The Budget whose first guess of neurons per adapter meets `target` at the median per-neuron cost."""
     typical = statistics.median(costs.values())
     neurons = max(1, round((target - head_params) / (num_adapters * typical)))
     expected = round(num_adapters * neurons * typical) + head_params

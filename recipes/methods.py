@@ -175,9 +175,7 @@ def build_method(
     if variant is not None:  # a lever that changes what a neuron costs, or over how many positions the budget spreads
         spread = options.pop("num_adapters", None)
         if spread is not None:  # more positions than the model has: every candidate, each with its share
-            candidates = topo_candidates(model, options)
-            candidates = [c for c in candidates if c in budget.costs]
-            spread = min(spread, len(candidates))
+            spread = min(spread, len(topo_candidates(model, options, budget)))
         budget = budget.adjusted(spread, options.get("train_up", False))
     if method in GROWN:
         built = build_topo_grown(model, calibration, budget, seed, head, options)
@@ -264,19 +262,14 @@ def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, 
     return Built(wrapped, note="head, grown during training", callbacks=[callback], after_fit=after_fit)
 
 
-def topo_candidates(model: nn.Module, options: dict) -> list[str]:
-    """The positions a topo variant with these TopoAdapterConfig options ranks (the library's defaults for the rest)."""
+def topo_candidates(model: nn.Module, options: dict, budget: Budget) -> list[str]:
+    """The positions a topo variant with these TopoAdapterConfig options ranks (the library's defaults for the rest)
+    that the budget has a cost for."""
     import hf_topoadapt as hta
-    from hf_topoadapt.locate import find_positions
+    from hf_topoadapt.locate import config_positions
 
     config = hta.TopoAdapterConfig(**{k: v for k, v in options.items() if k in TOPO_POSITION_OPTIONS})
-    return [
-        p.name
-        for p in find_positions(
-            model, include_head=config.include_head, exclude=config.exclude_positions,
-            include_embeddings=config.include_embeddings,
-        )
-    ]  # fmt: skip
+    return [p.name for p in config_positions(model, config) if p.name in budget.costs]
 
 
 def build_topo(
@@ -303,8 +296,7 @@ def build_topo(
         options.pop("neuron_budget", None)
     if positions == "ranked":
         return fit_budget(_topo(model, calibration, head, seed, neurons or budget.request(), init, options), budget)
-    candidates = topo_candidates(model, options)
-    candidates = [c for c in candidates if c in budget.costs]
+    candidates = topo_candidates(model, options, budget)
     if positions == "fixed":
         if not fixed:
             raise ValueError('positions="fixed" needs the positions: fixed=[...]')

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import ScoringConfig, check_real, check_whole
 from ..insertion import insert_layer
 from ..layers import detach, factory_kwargs
-from ..locate import find_positions
+from ..locate import config_positions, find_positions
 from ..scoring import score_with_operators, scoring_mode
 from ..sensitivity.objective import LossFn, batch_loss, materialize, mean_loss
 from .baselines import initialised_layer, pick_position, probe_positions
@@ -319,15 +319,7 @@ class Grower:
         where, init = config.position_rule, config.init_rule
         rng = random.Random(config.seed + 1009 * len(self.log))  # reproducible across a resume
         generator = torch.Generator().manual_seed(config.seed + 1009 * len(self.log))
-        positions = find_positions(
-            model,
-            scoring.block_path,
-            scoring.positions,
-            scoring.include_head,
-            scoring.head_path,
-            exclude=scoring.exclude_positions,
-            include_embeddings=scoring.include_embeddings,
-        )
+        positions = config_positions(model, scoring)
         entry = {
             "epoch": epoch,
             "step": step,

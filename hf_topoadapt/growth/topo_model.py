@@ -24,7 +24,7 @@ from .. import __version__
 from ..config import TopoAdapterConfig
 from ..insertion import InsertionRecord, insert_layer
 from ..layers import ADAPTER_ATTRIBUTE, TopoAdapter, detach
-from ..locate import find_positions
+from ..locate import config_positions, find_positions
 from ..model import TopoModel, load_adapter_weights
 from ..report import INSERTION_KEYS, TopoReport
 from ..sensitivity.objective import LossFn, materialize
@@ -249,15 +249,7 @@ class TopoModelGrower(Grower):
     def candidates(self) -> tuple[list[str], dict[str, int]]:
         """Names of the positions that may get a layer, and every position's depth index."""
         config = self.adapter_config
-        found = find_positions(
-            self.model.get_base_model(),
-            config.block_path,
-            config.positions,
-            config.include_head,
-            config.head_path,
-            exclude=config.exclude_positions,
-            include_embeddings=config.include_embeddings,
-        )
+        found = config_positions(self.model.get_base_model(), config)
         taken = set(config.adapter_shapes or {})
         return [p.name for p in found if p.name not in taken], {p.name: p.index for p in found}
 
