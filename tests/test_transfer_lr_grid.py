@@ -1,0 +1,38 @@
+"""benchmarks/transfer_lr_grid.py's choice, on synthetic runs (no training): the chosen rate has the best mean
+validation accuracy, and each rate's lowest validation loss is summarised beside it."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.transfer_lr_grid import choose  # noqa: E402
+from recipes.experiment import RunResult  # noqa: E402
+
+
+def run(method, seed, lr, accuracy, losses) -> RunResult:
+    curves = [{"epoch": float(e + 1), "loss": loss, "accuracy": accuracy} for e, loss in enumerate(losses)]
+    return RunResult(method, 10, seed, accuracy, 100, 0.0, lr, len(losses), 0.1, 1.0, 0.01, "", [],
+                     validation=accuracy, curves=curves)  # fmt: skip
+
+
+def test_the_best_mean_validation_accuracy_chooses_and_the_lowest_loss_is_reported():
+    runs = [
+        # 0.03: more accuracy, though its loss rises from the first epoch (the loss column shows it)
+        run("topo", 0, 0.03, 0.66, [1.2, 1.4, 1.6]), run("topo", 1, 0.03, 0.64, [1.3, 1.5, 1.7]),
+        run("topo", 0, 0.01, 0.64, [1.3, 1.1, 1.2]), run("topo", 1, 0.01, 0.64, [1.2, 1.0, 1.1]),
+        run("lora", 0, 0.01, 0.70, [1.0, 0.9]),
+    ]  # fmt: skip
+    table = choose(runs, ["topo", "lora", "head"])
+    assert table["topo"]["best"] == 0.03
+    assert table["lora"]["best"] == 0.01
+    assert "head" not in table  # no runs: no row
+    row = table["topo"]["rows"][0.01]
+    assert row["loss"] == pytest.approx(1.05) and row["accuracy"] == pytest.approx(0.64) and row["seeds"] == 2
+    assert table["topo"]["rows"][0.03]["accuracy"] > row["accuracy"]
+    assert table["topo"]["rows"][0.03]["loss_std"] == pytest.approx(0.0707, abs=1e-4)
