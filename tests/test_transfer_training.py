@@ -55,3 +55,26 @@ def test_a_lever_is_adopted_only_when_its_gain_exceeds_its_standard_error(tmp_pa
     assert losses["step=0.5"]["mean_gain"] == pytest.approx(-0.02)
     assert losses["(default)"]["recipes"]["vit_digits"]["mean"] == pytest.approx(1.0 - 0.6)
     assert "## The lowest validation loss" in text and "-0.020 ± 0.003" in text
+
+
+def test_round_two_measures_its_levers_against_the_adopted_default(tmp_path):
+    base = tt.ROUND2_BASE
+    assert base == tt.with_lever("no_embeddings")  # round 1's adopted lever on round 1's default
+    warm, cross = tt.with_lever("warmup", base), tt.with_lever("crossfit", base)
+    for recipe in tt.RECIPES:
+        write_runs(tmp_path, recipe, {
+            tt.default_method(): [0.9, 0.9, 0.9],  # round 1's base: not round 2's reference
+            base: [0.50, 0.60, 0.70],
+            warm: [0.53, 0.63, 0.72],
+            cross: [0.40, 0.55, 0.70],
+        })  # fmt: skip
+    result = tt.report(list(tt.RECIPES), str(tmp_path))
+    round2 = {row["lever"]: row for row in result["round2"]["rows"]}
+    assert result["round2"]["adopt"] == ["warmup"]
+    assert round2["warmup"]["mean_gain"] == pytest.approx(0.0267, abs=1e-4)
+    assert round2["crossfit"]["mean_gain"] == pytest.approx(-0.05)
+    assert round2["(default)"]["recipes"]["minilm_topics"]["mean"] == pytest.approx(0.6)
+    text = (tmp_path / "transfer_training.md").read_text()
+    assert "## Round 2: on top of the adopted default" in text and "**Adopted: warmup.**" in text
+    # round 1 is untouched by round 2's runs
+    assert {row["lever"]: row for row in result["rows"]}["no_embeddings"]["mean_gain"] == pytest.approx(-0.3)
