@@ -58,12 +58,14 @@ def test_a_lever_is_adopted_only_when_its_gain_exceeds_its_standard_error(tmp_pa
 
 
 def test_round_two_measures_its_levers_against_the_adopted_default(tmp_path):
-    base = tt.ROUND2_BASE
-    assert base == tt.with_lever("no_embeddings")  # round 1's adopted lever on round 1's default
-    warm, cross = tt.with_lever("warmup", base), tt.with_lever("crossfit", base)
+    base, prefix = tt.ROUNDS[2]["base"], tt.ROUNDS[2]["prefix"]
+    assert prefix == tt.with_lever("no_embeddings")  # round 1's adopted lever on round 1's default
+    assert base != prefix and sorted(base.split("+")) == sorted(prefix.split("+"))  # the same levers, run again
+    warm, cross = tt.with_lever("warmup", prefix), tt.with_lever("crossfit", prefix)
     for recipe in tt.RECIPES:
         write_runs(tmp_path, recipe, {
             tt.default_method(): [0.9, 0.9, 0.9],  # round 1's base: not round 2's reference
+            prefix: [0.2, 0.2, 0.2],  # round 1's no_embeddings runs: not round 2's reference either
             base: [0.50, 0.60, 0.70],
             warm: [0.53, 0.63, 0.72],
             cross: [0.40, 0.55, 0.70],
@@ -76,5 +78,33 @@ def test_round_two_measures_its_levers_against_the_adopted_default(tmp_path):
     assert round2["(default)"]["recipes"]["minilm_topics"]["mean"] == pytest.approx(0.6)
     text = (tmp_path / "transfer_training.md").read_text()
     assert "## Round 2: on top of the adopted default" in text and "**Adopted: warmup.**" in text
-    # round 1 is untouched by round 2's runs
-    assert {row["lever"]: row for row in result["rows"]}["no_embeddings"]["mean_gain"] == pytest.approx(-0.3)
+    # round 1 reads its own no_embeddings runs
+    assert {row["lever"]: row for row in result["rows"]}["no_embeddings"]["mean_gain"] == pytest.approx(-0.7)
+
+
+def test_each_round_reads_only_the_topo_runs_at_its_own_rate(tmp_path):
+    base, lever = tt.ROUND2_BASE, tt.with_lever("per_token", tt.ROUND2_BASE)
+    then, now = tt.RATES_THEN["effnet_mnist"], tt.RATES_ROUND3["effnet_mnist"]
+    assert then != now
+    records = [("lora", 0.7, 1e-2), (base, 0.5, then), (base, 0.6, now), (lever, 0.65, now), (lever, 0.1, then)]
+    with open(tt.runs_path(str(tmp_path), "effnet_mnist"), "w") as f:
+        for method, value, lr in records:
+            curves = [{"epoch": 1.0, "loss": 1.0 - value}]
+            f.write(json.dumps({"method": method, "seed": 0, "validation": value, "lr": lr, "curves": curves}) + "\n")
+    path = tt.runs_path(str(tmp_path), "effnet_mnist")
+    assert tt.read_runs(path, topo_lr=then)[base] == {0: 0.5}  # not overwritten by the later run at the new rate
+    assert tt.read_runs(path, topo_lr=now)[lever] == {0: 0.65}
+    assert tt.read_runs(path, topo_lr=now)["lora"] == {0: 0.7}  # LoRA keeps its own rate
+    assert tt.read_runs(path)[base] == {0: 0.6}  # no rate given: the last record wins
+    third = tt.measure_round(3, ["effnet_mnist"], str(tmp_path))
+    cell = {row["lever"]: row for row in third["rows"]}["per_token"]["recipes"]["effnet_mnist"]
+    assert cell["gain"] == pytest.approx(0.05) and third["rates"] == {"effnet_mnist": now}
+
+
+def test_a_round_runs_its_topo_methods_at_its_own_rate():
+    lrs = {"lora": 1e-2, "peft": 1e-2, "head": 1e-1}
+    methods = ["lora", tt.ROUNDS[1]["base"], tt.with_lever("step=0.5")]
+    then = tt.round_lrs(lrs, methods, "effnet_mnist", 1)
+    assert then["lora"] == 1e-2 and then["head"] == 1e-1  # the baselines keep the recipe's rates
+    assert then[methods[1]] == then[methods[2]] == tt.RATES_THEN["effnet_mnist"] == 3e-3
+    assert tt.round_lrs(lrs, methods, "effnet_mnist", 3)[methods[2]] == tt.RATES_ROUND3["effnet_mnist"]
