@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -91,6 +92,21 @@ def _summary(runs) -> dict:
     }  # fmt: skip
 
 
+def grid_runs(results, path: str, args) -> list:
+    """This call's runs and every other run of the same grid already in the runs file (other seeds): a method's
+    choice uses all the seeds it has."""
+    from recipes.experiment import load_runs
+
+    runs = {(r.method, r.per_class, r.seed, r.lr, r.lora_rank): r for r in load_runs(path).values()}
+    runs.update({(r.method, r.per_class, r.seed, r.lr, r.lora_rank): r for r in results})
+    ranks = {r.lora_rank for r in results}
+    return [
+        r for r in runs.values()
+        if r.method in args.methods and r.per_class == SMALLEST[args.recipe] and r.lora_rank in ranks
+        and any(math.isclose(r.lr, lr) for lr in args.lrs or GRIDS[args.recipe][family(r.method)])
+    ]  # fmt: skip
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=list(GRIDS), required=True)
@@ -123,11 +139,12 @@ def main(argv=None) -> dict:
                 test_per_class=recipe_args.test_per_class, output_dir=args.output_dir,
                 results_path=f"{stem}_runs.jsonl", resume=True, log=lambda _: None,
             )  # fmt: skip
-    table = choose(results, args.methods)
+    table = choose(grid_runs(results, f"{stem}_runs.jsonl", args), args.methods)
     lines = [
         f"# Learning rates for {args.recipe}, chosen on validation",
         "",
-        f"{SMALLEST[args.recipe]} examples per class to train and as many to validate, seeds {args.seeds}, "
+        f"{SMALLEST[args.recipe]} examples per class to train and as many to validate, every seed run so far (the "
+        f"seeds column; `--seeds` adds more), "
         f"{setup.epochs} epochs with the recipe's Trainer settings; mean ± std per learning rate of each run's "
         f"best-epoch validation accuracy (the chosen rate has the best mean) and of its lowest validation loss (a "
         f"continuous read of the same runs: accuracy on a few dozen examples moves in steps of points and ties; the "

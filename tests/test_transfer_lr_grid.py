@@ -36,3 +36,22 @@ def test_the_best_mean_validation_accuracy_chooses_and_the_lowest_loss_is_report
     assert row["loss"] == pytest.approx(1.05) and row["accuracy"] == pytest.approx(0.64) and row["seeds"] == 2
     assert table["topo"]["rows"][0.03]["accuracy"] > row["accuracy"]
     assert table["topo"]["rows"][0.03]["loss_std"] == pytest.approx(0.0707, abs=1e-4)
+
+
+def test_the_choice_uses_every_seed_of_the_grid_already_run(tmp_path):
+    import argparse
+    import json
+    from dataclasses import asdict
+
+    from benchmarks.transfer_lr_grid import grid_runs
+
+    path = tmp_path / "runs.jsonl"
+    earlier = [run("topo", 3, 0.003, 0.9, [0.8]), run("topo", 4, 0.003, 0.9, [0.8]), run("lora", 3, 0.01, 0.1, [2.0]),
+               run("topo", 3, 0.5, 1.0, [0.1])]  # fmt: skip  (0.5: not a rate of the grid)
+    path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in earlier))
+    now = [run("topo", 0, 0.003, 0.5, [1.0]), run("topo", 0, 0.01, 0.7, [1.0])]
+    args = argparse.Namespace(methods=["topo"], recipe="vit_digits", lrs=None)
+    runs = grid_runs(now, str(path), args)
+    assert sorted((r.seed, r.lr) for r in runs) == [(0, 0.003), (0, 0.01), (3, 0.003), (4, 0.003)]
+    table = choose(runs, ["topo"])
+    assert table["topo"]["best"] == 0.003 and table["topo"]["rows"][0.003]["seeds"] == 3  # 0.767 against 0.7
