@@ -58,9 +58,9 @@ def recipe_task(recipe: str, threads: int, load: bool = True):
     return module, task, args
 
 
-def lowest_loss(result) -> float:
-    """A run's lowest validation loss over its epochs."""
-    return min(epoch["loss"] for epoch in result.curves)
+def lowest_loss(curves: list[dict]) -> float:
+    """A run's lowest validation loss over its epochs (its per-epoch curves)."""
+    return min(epoch["loss"] for epoch in curves)
 
 
 def choose(results, methods) -> dict[str, dict]:
@@ -81,7 +81,7 @@ def choose(results, methods) -> dict[str, dict]:
 
 def _summary(runs) -> dict:
     accuracy = [r.validation for r in runs]
-    loss = [lowest_loss(r) for r in runs]
+    loss = [lowest_loss(r.curves) for r in runs]
 
     def std(values):
         return statistics.stdev(values) if len(values) > 1 else 0.0

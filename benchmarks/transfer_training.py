@@ -13,6 +13,7 @@ its standard error. LoRA at the recipe's rank is the reference row. The test spl
 
     python benchmarks/transfer_training.py                                   # every recipe (resumable)
     python benchmarks/transfer_training.py --recipes vit_digits --seeds 0 1 2 3 4 5 6 7 8 9
+    python benchmarks/transfer_training.py --round 3                         # a later round: its base, levers, rates
     python benchmarks/transfer_training.py --report-only                     # rewrite the report from the runs
 
 Writes benchmarks/results/transfer_training.{md,json}; runs go to transfer_training_<recipe>_runs.jsonl and are reused.
@@ -32,7 +33,7 @@ sys.path.insert(0, ROOT)
 for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(name, "1")
 
-from benchmarks.transfer_lr_grid import SMALLEST, recipe_task  # noqa: E402
+from benchmarks.transfer_lr_grid import SMALLEST, lowest_loss, recipe_task  # noqa: E402
 from recipes.methods import WARMUP_STEPS  # noqa: E402
 
 RECIPES = ("minilm_topics", "effnet_mnist", "vit_digits")
@@ -40,7 +41,8 @@ LEVERS = (
     "step=0.5", "step=0.25", "adapter_lr=0.3", "adapter_lr=0.1", "adapter_lr=3", "x_tanh", "per_token",
     "up", "adapters=1", "adapters=6", "no_embeddings", "head_lr", "head_lr+adapter_lr=0.3", "head_lr+adapter_lr=3",
 )  # fmt: skip
-SEEDS = {"minilm_topics": [0, 1, 2, 3, 4], "effnet_mnist": [0, 1, 2], "vit_digits": list(range(10))}
+# Round 1's older EfficientNet levers ran 3 seeds; every later one, and rounds 2 and 3, ran these.
+SEEDS = {"minilm_topics": [0, 1, 2, 3, 4], "effnet_mnist": [0, 1, 2, 3, 4], "vit_digits": list(range(10))}
 OUT = os.path.join(ROOT, "benchmarks", "results")
 
 
@@ -122,7 +124,7 @@ def read_runs(path: str, metric: str = "validation", topo_lr: float | None = Non
                         continue
                     value = record["validation"]
                     if metric == "loss":
-                        value = min(epoch["loss"] for epoch in record["curves"])
+                        value = lowest_loss(record["curves"])
                     table.setdefault(record["method"], {})[record["seed"]] = value
     return table
 
@@ -283,8 +285,8 @@ def write(result: dict, output_dir: str) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
-    parser.add_argument("--seeds", type=int, nargs="+", help="default: ViT 10, MiniLM 5, EfficientNet 3")
-    parser.add_argument("--levers", nargs="+", default=list(LEVERS))
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: ViT 10, MiniLM 5, EfficientNet 5")
+    parser.add_argument("--levers", nargs="+", help="default: the round's levers (ROUNDS)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", default=OUT)
     parser.add_argument("--round", type=int, choices=sorted(ROUNDS), default=1, help="which ROUNDS entry to run")
@@ -299,7 +301,7 @@ def main(argv=None) -> dict:
         transformers.utils.logging.disable_progress_bar()
         torch.set_num_threads(args.threads)
         spec = ROUNDS[args.round]
-        levers = args.levers if args.round == 1 or args.levers != list(LEVERS) else list(spec["levers"])
+        levers = args.levers or list(spec["levers"])
         methods = ["lora", spec["base"], *(with_lever(lever, spec["prefix"]) for lever in levers)]
         for recipe in args.recipes:
             run_recipe(recipe, methods, args.seeds or SEEDS[recipe], args)
