@@ -108,3 +108,17 @@ def test_a_round_runs_its_topo_methods_at_its_own_rate():
     assert then["lora"] == 1e-2 and then["head"] == 1e-1  # the baselines keep the recipe's rates
     assert then[methods[1]] == then[methods[2]] == tt.RATES_THEN["effnet_mnist"] == 3e-3
     assert tt.round_lrs(lrs, methods, "effnet_mnist", 3)[methods[2]] == tt.RATES_ROUND3["effnet_mnist"]
+
+
+def test_round_four_measures_the_recipes_default_at_the_recipes_current_rates():
+    """Round 4's reference is `topo` itself, run again: the same configuration as its lever prefix, at the rates the
+    recipes train topo at today (a rate change in a recipe must come with a new round)."""
+    import importlib
+
+    from recipes.methods import TOPO_VARIANTS, lever_method
+
+    spec = tt.ROUNDS[4]
+    assert spec["base"] == "topo" and TOPO_VARIANTS["topo"] == lever_method(spec["prefix"])
+    now = {recipe: importlib.import_module(f"recipes.{recipe}").DEFAULTS["lrs"]["peft"] for recipe in tt.RECIPES}
+    assert spec["rates"] == now
+    assert all(lever.startswith("step=") for lever in spec["levers"])
