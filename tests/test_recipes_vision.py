@@ -191,6 +191,26 @@ def test_vit_pretraining_is_cached_and_reused(tmp_path, mnist):
     assert model.classifier.out_features == 5 and model.config.num_labels == 5
 
 
+def test_the_recipes_default_settings_load_the_shipped_vit(tmp_path, mnist):
+    """The published ViT results come from one pretrained ViT; the default settings load it (no pretraining, on any
+    machine) unless a cache folder is named, which keeps its own pretraining."""
+    from recipes import vit_digits
+
+    messages = []
+    args = (mnist, [0, 1, 2, 3, 4], 28, "mnist")
+    shipped = vit_digits.pretrained_vit(*args, log=messages.append)
+    assert os.path.dirname(shipped) == vit_digits.SHIPPED and messages == [
+        f"using the pretrained ViT shipped with the recipe, {shipped}"
+    ]
+    key = json.loads(open(os.path.join(shipped, "cache_key.json")).read())
+    assert key[1] == [0, 1, 2, 3, 4] and key[4] == vit_digits.PRETRAIN and key[3] == vit_digits.ARCHITECTURE
+    assert json.loads(open(os.path.join(shipped, "pretraining.json")).read())["held_out_accuracy"] == 0.956
+    model = vit_digits.model_factory(shipped, 5)()
+    assert model.config.hidden_size == vit_digits.ARCHITECTURE["hidden_size"] and model.classifier.out_features == 5
+    folder = vit_digits.pretrained_vit(*args, cache_dir=str(tmp_path), epochs=1, log=messages.append)
+    assert os.path.dirname(folder) == str(tmp_path) and "pretrained a ViT" in messages[-1]
+
+
 def test_vit_tiny_end_to_end(tmp_path):
     from recipes.vit_digits import main
 
