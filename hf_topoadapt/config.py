@@ -314,9 +314,9 @@ INITS = ("eigen", "random")
 @dataclass
 class _TopoAdapterFields:
     num_adapters: int = field(default=1, metadata={"help": "How many layers to insert: at the top-k ranked positions."})
-    # Adapters default to optimised output directions and positions after the embeddings: chosen on validation over
-    # the paper's coordinate axes and the other levers (benchmarks/results/transfer_levers.md, transfer_training.md);
-    # ScoringConfig (insert_layer, growth) keeps the paper's.
+    # Adapters default to optimised output directions, positions after the embeddings and a tenth of the line-searched
+    # step: chosen on validation over the paper's layer and the other levers (benchmarks/results/transfer_levers.md,
+    # transfer_training.md); ScoringConfig (insert_layer, growth of networks) keeps the paper's.
     include_embeddings: bool = field(
         default=False,
         metadata={
@@ -328,6 +328,15 @@ class _TopoAdapterFields:
     directions: str = field(
         default="optimized",
         metadata={"help": "'optimized' (default): METHOD.md section 5; 'coordinate': the paper's layer (output axes)."},
+    )
+    step_scale: float = field(
+        default=0.1,
+        metadata={
+            "help": "The inserted layers take this fraction of the line-searched step (1: the paper's). 0.1 by "
+            "default: the full step fits the calibration examples, in fine-tuning the training examples, through the "
+            "new random head; a tenth keeps the positions and directions and leaves the fit to training, which gained "
+            "on validation over the recipes (benchmarks/results/transfer_training.md, round 4)."
+        },
     )
     train_up: bool = field(
         default=False,

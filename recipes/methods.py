@@ -43,19 +43,25 @@ LEVERS: dict[str, dict] = {
 VALUE_LEVERS: dict[str, str] = {"step": "step_scale", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters"}
 WHOLE_LEVERS = ("num_adapters",)
 # The default combination, chosen on validation: optimized by the greedy selection (benchmarks/results/
-# transfer_levers.md), no_embeddings added to it by the one-lever-at-a-time measurement (transfer_training.md).
-DEFAULT_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized")
+# transfer_levers.md), no_embeddings and then a tenth of the line-searched step added to it by the one-lever-at-a-time
+# measurement (transfer_training.md, rounds 1 and 4).
+DEFAULT_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized", "step=0.1")
+# Growth keeps the paper's full step: the step lever was measured on the one-shot default, whose step is taken through
+# a random head; a grown layer's step is taken on the trained model.
+GROWN_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized")
+# The ablation that switches a default lever off, where its name is not topo_no_<lever>.
+LEVER_OFF = {"no_embeddings": "topo_with_embeddings", "step=0.1": "topo_full_step"}
 
 
 def lever_off(lever: str) -> str:
     """The ablation with one default lever switched off."""
-    return "topo_with_embeddings" if lever == "no_embeddings" else f"topo_no_{lever}"
+    return LEVER_OFF.get(lever, f"topo_no_{lever}")
 
 
 def topo_options(levers) -> dict:
     """TopoAdapterConfig options of a lever set; a lever not in it is off (explicitly: the library's own defaults
     are the chosen levers)."""
-    options = {"include_head": False, "include_embeddings": True, "directions": "coordinate"}
+    options = {"include_head": False, "include_embeddings": True, "directions": "coordinate", "step_scale": 1.0}
     for lever in levers:
         name, _, value = lever.partition("=")
         if value and name in VALUE_LEVERS:
@@ -96,7 +102,7 @@ TOPO_VARIANTS: dict[str, dict] = {
 # alone, then one adapter is inserted every GROW_EVERY epochs at the position ranked first by the current (trained)
 # model, until the matched budget or num_adapters is reached.
 GROW_EVERY = 2
-GROWN = {"topo_grown": topo_options(DEFAULT_LEVERS)}
+GROWN = {"topo_grown": topo_options(GROWN_LEVERS)}
 TOPO_FAMILY = (*TOPO_VARIANTS, *GROWN)
 METHODS = ("head", "head_warmup", "full", "lora", "adalora", *TOPO_FAMILY)
 MATCHED = ("lora", "adalora", *TOPO_FAMILY)

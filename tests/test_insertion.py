@@ -579,3 +579,17 @@ def test_rank_by_per_token_ranks_positions_by_their_value_per_token():
     for score in score_positions(model, batches, ScoringConfig(rank_by="per_token"), loss_fn):
         assert score.rank_by == "per_token" and score.tokens > 0
         assert score.ranking_value == pytest.approx(score.eigenvalue / score.tokens, rel=1e-12)
+
+
+def test_a_scaled_step_whose_loss_change_rounds_away_is_kept():
+    """In bf16 a tenth of the step changes the loss by less than its rounding: the loss there equals the base loss.
+    The full step lowered it, so the scaled layer is kept; a scaled step that raises the loss is refused."""
+    from hf_topoadapt.insertion import _scaled_step
+    from hf_topoadapt.sensitivity.line_search import LineSearchResult
+
+    full = LineSearchResult(eps=0.4, loss=1.25, base_loss=1.3203125, accepted=True, trials=[(0.4, 1.25)], step=1)
+    kept = _scaled_step(full, lambda eps: 1.3203125, 0.1)
+    assert kept.accepted and kept.eps == pytest.approx(0.04) and kept.loss == 1.3203125
+    assert kept.trials[-1] == (pytest.approx(0.04), 1.3203125)
+    raised = _scaled_step(full, lambda eps: 1.33, 0.1)
+    assert not raised.accepted and raised.eps == 0.0 and raised.loss == full.base_loss

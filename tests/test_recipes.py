@@ -487,8 +487,8 @@ def test_up_and_adapters_levers_change_what_trains_within_the_budget(tokenizer):
     from recipes.methods import topo_options
 
     assert topo_options(["up", "adapters=2"]) == {
-        "include_head": False, "include_embeddings": True, "directions": "coordinate", "train_up": True,
-        "num_adapters": 2,
+        "include_head": False, "include_embeddings": True, "directions": "coordinate", "step_scale": 1.0,
+        "train_up": True, "num_adapters": 2,
     }  # fmt: skip
     for bad in ("adapters=1.5", "adapters=0"):
         with pytest.raises(ValueError, match=f"lever '{bad}' needs a whole number >= 1"):
@@ -506,8 +506,11 @@ def test_adapters_lever_beyond_the_candidates_spreads_over_all_of_them(tokenizer
     """The tiny BERT has 3 candidate positions besides the head input: `adapters=9` uses those 3 at the full
     budget instead of sizing 9 adapters' neurons for 3 positions."""
     built, budget, _, _ = tiny_method(tokenizer, "topo+optimized+adapters=9")
-    assert len(built.model.peft_config["default"].adapter_shapes) == 3
-    assert abs(budget.relative_gap(built.trainable)) <= 0.10, (built.trainable, budget)
+    config = built.model.peft_config["default"]
+    # all 3 positions are tried (whether each lowers this tiny model's loss, ~1e-4, depends on the machine's rounding)
+    assert config.num_adapters == 3 and len({i["position"] for i in built.model.topo_report.insertions}) == 3
+    assert config.neurons == budget.adjusted(3, False).request() > budget.adjusted(9, False).request()
+    assert all(shape["neurons"] == config.neurons for shape in config.adapter_shapes.values())
 
 
 def test_head_lr_and_no_embeddings_levers(tokenizer, tmp_path, monkeypatch):

@@ -111,14 +111,15 @@ def test_a_round_runs_its_topo_methods_at_its_own_rate():
 
 
 def test_round_four_measures_the_recipes_default_at_the_recipes_current_rates():
-    """Round 4's reference is `topo` itself, run again: the same configuration as its lever prefix, at the rates the
-    recipes train topo at today (a rate change in a recipe must come with a new round)."""
+    """Round 4's reference is the default of the time (its prefix with the full step), at the rates the recipes train
+    topo at today (a rate change in a recipe must come with a new round); its adopted step=0.1 makes today's `topo`."""
     import importlib
 
     from recipes.methods import TOPO_VARIANTS, lever_method
 
     spec = tt.ROUNDS[4]
-    assert spec["base"] == "topo" and TOPO_VARIANTS["topo"] == lever_method(spec["prefix"])
+    assert lever_method(spec["base"]) == lever_method(spec["prefix"]) and lever_method(spec["base"])["step_scale"] == 1
+    assert TOPO_VARIANTS["topo"] == lever_method(tt.with_lever("step=0.1", spec["prefix"]))
     now = {recipe: importlib.import_module(f"recipes.{recipe}").DEFAULTS["lrs"]["peft"] for recipe in tt.RECIPES}
     assert spec["rates"] == now
     assert all(lever.startswith("step=") for lever in spec["levers"])
