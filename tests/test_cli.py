@@ -284,3 +284,24 @@ def test_adapt_lets_the_embedding_output_compete_only_when_asked(tiny_bert, tmp_
     capsys.readouterr()
     assert scored[False][0] is False and "embeddings" not in scored[False][1]
     assert scored[True][0] is True and "embeddings" in scored[True][1]
+
+
+def test_adapt_takes_the_step_scale_and_refuses_a_fraction_outside_zero_to_one(tiny_bert, tmp_path, capsys):
+    """--step-scale sets the fraction of the line-searched step (the adapters' default, 0.1, when absent; 1 is the
+    paper's): the saved config and the report's eps record it; a value outside (0, 1] is a usage error."""
+    eps = {}
+    for scale in (None, "1"):
+        out_dir = tmp_path / f"step{scale}"
+        flag = [] if scale is None else ["--step-scale", scale]
+        assert main(["adapt", "--model", tiny_bert, "--num-adapters", "1", "--output-dir", str(out_dir), *flag]) == 0
+        saved = json.loads((out_dir / "adapter_config.json").read_text())
+        (record,) = json.loads((out_dir / "topo_report.json").read_text())["insertions"]
+        eps[saved["step_scale"]] = (record["position"], record["eps"])
+    capsys.readouterr()
+    assert set(eps) == {0.1, 1.0} and eps[0.1][0] == eps[1.0][0]
+    assert eps[0.1][1] == pytest.approx(0.1 * eps[1.0][1], rel=1e-9)
+    for bad in ("0", "1.5", "half"):
+        with pytest.raises(SystemExit) as raised:
+            main(["adapt", "--model", tiny_bert, "--step-scale", bad, "--output-dir", str(tmp_path / "bad")])
+        assert raised.value.code == 2
+        assert "expected a number in (0, 1]" in capsys.readouterr().err

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import DIRECTIONS, SOLVERS, ScoringConfig
+from ..config import DIRECTIONS, SOLVERS, ScoringConfig, TopoAdapterConfig
 from ..locate import PositionsNotFoundError
 from ..sensitivity.objective import CalibrationDataError
 from .data import (
@@ -84,6 +84,19 @@ def positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def step_fraction(value: str) -> float:
+    """A fraction of the line-searched step, in (0, 1]."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value!r}") from None
+    if not 0.0 < number <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in (0, 1] (a fraction of the line-searched step; 1 is the paper's), got {value!r}"
+        )
     return number
 
 
@@ -405,6 +418,13 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         help="let the embedding (stem) output compete, as in the paper (default: off, chosen on validation: a layer "
         "there was the worst position in the recipes)",
     )
+    group.add_argument(
+        "--step-scale",
+        type=step_fraction,
+        default=TopoAdapterConfig.step_scale,
+        help="the layers take this fraction of the line-searched step: 1 is the paper's; the default, chosen on "
+        "validation, leaves the fit of the calibration examples to training (default: %(default)s)",
+    )
     group.add_argument("--solver", choices=SOLVERS, default="auto", help="eigen-solver (default: %(default)s)")
     parser.add_argument(
         "--output-dir",
@@ -427,7 +447,6 @@ def load_hint(calibration: Calibration, base: str, output_dir: Path) -> str:
 
 
 def run_adapt(args: argparse.Namespace) -> int:
-    from ..config import TopoAdapterConfig
     from ..model import get_topo_model
 
     calibration = load_calibration(args)
@@ -441,6 +460,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         neurons=args.neurons,
         directions=args.directions,
         include_embeddings=args.include_embeddings,
+        step_scale=args.step_scale,
         solver=args.solver,
         block_path=args.block_path,
         seed=args.seed,
