@@ -543,3 +543,16 @@ def test_head_lr_and_no_embeddings_levers(tokenizer, tmp_path, monkeypatch):
         )  # fmt: skip
     # head at 0.04 with the layers at 0.01 * 0.5 = 0.04 * 0.125; without the lever both start from the method's 0.01
     assert calls == [(0.04, pytest.approx(0.125)), (0.01, 0.5)]
+
+
+def test_the_default_takes_a_tenth_of_the_step_and_its_ablation_and_growth_the_full_one():
+    """step=0.1 joined the default (transfer_training.md, round 4): the library's TopoAdapterConfig and the recipes'
+    `topo` agree on it; `topo_full_step` switches only it off; `topo_grown` keeps the paper's full step, as measured."""
+    import hf_topoadapt as hta
+    from recipes.methods import DEFAULT_LEVERS, GROWN, TOPO_VARIANTS, lever_off
+
+    assert "step=0.1" in DEFAULT_LEVERS and lever_off("step=0.1") == "topo_full_step"
+    assert TOPO_VARIANTS["topo"]["step_scale"] == hta.TopoAdapterConfig().step_scale == 0.1
+    assert TOPO_VARIANTS["topo_full_step"] == {**TOPO_VARIANTS["topo"], "step_scale": 1.0}
+    assert GROWN["topo_grown"] == TOPO_VARIANTS["topo_full_step"]
+    assert TOPO_VARIANTS["topo_paper"]["step_scale"] == 1.0
