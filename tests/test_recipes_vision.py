@@ -209,6 +209,11 @@ def test_the_recipes_default_settings_load_the_shipped_vit(tmp_path, mnist):
     assert model.config.hidden_size == vit_digits.ARCHITECTURE["hidden_size"] and model.classifier.out_features == 5
     folder = vit_digits.pretrained_vit(*args, cache_dir=str(tmp_path), epochs=1, log=messages.append)
     assert os.path.dirname(folder) == str(tmp_path) and "pretrained a ViT" in messages[-1]
+    # cards and tables name the shipped ViT from the repository root, not by this machine's absolute path
+    assert vit_digits.shown_path(shipped) == os.path.join(
+        "recipes", "pretrained", "vit_digits", os.path.basename(shipped)
+    )
+    assert vit_digits.shown_path(folder) == folder
 
 
 def test_vit_tiny_end_to_end(tmp_path):
