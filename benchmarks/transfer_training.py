@@ -76,6 +76,9 @@ ROUND3_LEVERS = ("per_token",)
 # the levers it had (the full step, then the library's default) when step=0.1 joined the default.
 ROUND4_LEVERS = ("step=0.1", "step=0.03")
 ROUND4_BASE = with_lever("step=1", ROUND2_BASE)
+# Round 5: the same lever on growth. `topo_grown` kept the full step (the lever was measured on the one-shot default),
+# while TopoModel growth with a default TopoAdapterConfig takes a tenth: measured here on the recipes' grown method.
+ROUND5_LEVERS = ("step=0.1",)
 # The topo rate each round ran at, per recipe (the recipes' rate of the time): a run at another rate is not the round's.
 RATES_THEN = {"minilm_topics": 1e-2, "effnet_mnist": 3e-3, "vit_digits": 3e-2}
 RATES_ROUND3 = {"minilm_topics": 1e-2, "effnet_mnist": 1e-2, "vit_digits": 1e-2}
@@ -88,6 +91,7 @@ ROUNDS = {
     2: {"base": "topo+no_embeddings+optimized", "prefix": ROUND2_BASE, "levers": ROUND2_LEVERS, "rates": RATES_THEN},
     3: {"base": ROUND2_BASE, "prefix": ROUND2_BASE, "levers": ROUND3_LEVERS, "rates": RATES_ROUND3},
     4: {"base": ROUND4_BASE, "prefix": ROUND2_BASE, "levers": ROUND4_LEVERS, "rates": RATES_NOW},
+    5: {"base": "topo_grown", "prefix": "topo_grown", "levers": ROUND5_LEVERS, "rates": RATES_NOW},
 }
 
 
@@ -295,6 +299,13 @@ def write(result: dict, output_dir: str) -> None:
         "the paired differences compare runs of one model. Regenerate with "
         "`python benchmarks/transfer_training.py --round 4`.",
         *round_section(result["round4"], recipes),
+        "## Round 5: a tenth of the step in growth",
+        "",
+        f"The recipes' grown method (`{result['round5']['default']}`: from the head, one layer every 2 epochs at the "
+        "best position of the trained model, with the full line-searched step) against the same with a tenth of "
+        f"the step (`step=0.1`, TopoAdapterConfig's default), at {rates_text(result['round5']['rates'])}. "
+        "Regenerate with `python benchmarks/transfer_training.py --round 5`.",
+        *round_section(result["round5"], recipes),
     ]
     with open(os.path.join(output_dir, "transfer_training.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -124,13 +124,22 @@ def topo_variant(method: str) -> dict | None:
     return TOPO_VARIANTS.get(method, lever_method(method))
 
 
+def grown_variant(method: str) -> dict | None:
+    """Options of a grown method: `topo_grown`, or `topo_grown+<levers>` (levers added to growth's own), else None."""
+    if method in GROWN:
+        return GROWN[method]
+    if not method.startswith("topo_grown+"):
+        return None
+    return topo_options([*GROWN_LEVERS, *(lever for lever in method.removeprefix("topo_grown+").split("+") if lever)])
+
+
 def is_method(method: str) -> bool:
-    return method in METHODS or lever_method(method) is not None
+    return method in METHODS or lever_method(method) is not None or grown_variant(method) is not None
 
 
 def is_matched(method: str) -> bool:
     """Methods built to the matched trainable budget (the gap to it is recorded)."""
-    return method in MATCHED or lever_method(method) is not None
+    return method in MATCHED or lever_method(method) is not None or grown_variant(method) is not None
 
 
 def lr_for(method: str, lrs: dict[str, float]) -> float:
@@ -174,7 +183,8 @@ def build_method(
         raise ValueError(f"unknown method {method!r}; known: {list(METHODS)} or topo+<levers> ({list(LEVERS)})")
     start = time.perf_counter()
     head = head_name(model)
-    variant = GROWN.get(method, topo_variant(method))
+    grown = grown_variant(method)
+    variant = grown if grown is not None else topo_variant(method)
     options = dict(variant or {})
     adapter_lr_ratio = options.pop("adapter_lr_ratio", 1.0)  # optimizer settings (fit's), not the adapters'
     own_head_lr = options.pop("own_head_lr", False)
@@ -183,7 +193,7 @@ def build_method(
         if spread is not None:  # more positions than the model has: every candidate, each with its share
             spread = min(spread, len(topo_candidates(model, options, budget)))
         budget = budget.adjusted(spread, options.get("train_up", False))
-    if method in GROWN:
+    if grown is not None:
         built = build_topo_grown(model, calibration, budget, seed, head, options)
     elif variant is not None:
         options = {**options, "head_warmup_lr": head_lr} if "head_warmup_steps" in options else options
@@ -249,7 +259,7 @@ def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, 
     wrapped = head_only_topo_model(model, config)
     growth = GrowthConfig(
         schedule=[GROW_EVERY], max_insertions=budget.num_adapters, max_trainable=budget.target,
-        calibration_batches=None, seed=seed,
+        calibration_batches=None, seed=seed, step_scale=options.get("step_scale", 1.0),
     )  # fmt: skip
     callback = TopoGrowthCallback(growth, calibration_data=calibration)
 

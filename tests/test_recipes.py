@@ -556,3 +556,16 @@ def test_the_default_takes_a_tenth_of_the_step_and_its_ablation_and_growth_the_f
     assert TOPO_VARIANTS["topo_full_step"] == {**TOPO_VARIANTS["topo"], "step_scale": 1.0}
     assert GROWN["topo_grown"] == TOPO_VARIANTS["topo_full_step"]
     assert TOPO_VARIANTS["topo_paper"]["step_scale"] == 1.0
+
+
+def test_grown_methods_take_levers_on_top_of_growths_own():
+    """`topo_grown+step=0.1` is growth with a tenth of the step (transfer_training.md, round 5); its other options are
+    topo_grown's; a bad lever names itself, and a name that only starts like it is no method."""
+    from recipes.methods import GROWN, grown_variant, is_matched, is_method
+
+    assert grown_variant("topo_grown") == GROWN["topo_grown"]
+    assert grown_variant("topo_grown+step=0.1") == {**GROWN["topo_grown"], "step_scale": 0.1}
+    assert is_method("topo_grown+step=0.1") and is_matched("topo_grown+step=0.1")
+    assert grown_variant("topo_grownish") is None and not is_method("topo_grownish")
+    with pytest.raises(ValueError, match="unknown lever 'fast'"):
+        grown_variant("topo_grown+fast")

@@ -462,9 +462,7 @@ def test_growth_of_a_topo_model_in_bf16_and_under_autocast(precision):
     assert entry["accepted"], entry["reason"]
     (layer,) = [m for m in model.modules() if isinstance(m, TopoLayer)]
     assert layer.topo_down["default"].weight.requires_grad
-    # lr 0.1: a bf16 loss near 1.1 moves in steps of 2^-7, and with TopoAdapterConfig's tenth of the line-searched
-    # step the grown layer starts small, so one step at 0.01 can round to no change
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(2):
         with autocast:
@@ -475,3 +473,28 @@ def test_growth_of_a_topo_model_in_bf16_and_under_autocast(precision):
         optimizer.step()
         optimizer.zero_grad()
     assert losses[1] < losses[0]
+
+
+def test_a_grown_layer_takes_growths_step_not_the_one_shot_default():
+    """TopoAdapterConfig's tenth of the step is for adapters inserted once before training; growth takes
+    GrowthConfig.step_scale (1, the paper's, by default: a tenth lost on validation in growth). Same position and
+    directions, a tenth of the eps when asked; a value outside (0, 1] is refused."""
+    import copy
+
+    base, batches, *_ = models.hf_bert(0)
+    start = head_only_topo_model(base, hta.TopoAdapterConfig(modules_to_save=["classifier"], line_search_steps=4))
+    assert start.peft_config["default"].step_scale == 0.1
+    grown = {}
+    for scale in (None, 0.1):
+        model = copy.deepcopy(start)
+        options = {} if scale is None else {"step_scale": scale}
+        config = GrowthConfig(schedule=[1], max_insertions=1, calibration_batches=None, **options)
+        entry = TopoModelGrower(model, config).grow_now(batches)
+        assert entry["accepted"], entry["reason"]
+        grown[scale] = entry
+    assert GrowthConfig(schedule=[1]).step_scale == 1.0
+    assert grown[0.1]["position"] == grown[None]["position"]
+    assert grown[0.1]["eps"] == pytest.approx(0.1 * grown[None]["eps"], rel=1e-9)
+    for bad, message in ((0.0, r"step_scale must be > 0"), (2.0, r"step_scale must be in \(0, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            GrowthConfig(schedule=[1], step_scale=bad)

@@ -123,3 +123,13 @@ def test_round_four_measures_the_recipes_default_at_the_recipes_current_rates():
     now = {recipe: importlib.import_module(f"recipes.{recipe}").DEFAULTS["lrs"]["peft"] for recipe in tt.RECIPES}
     assert spec["rates"] == now
     assert all(lever.startswith("step=") for lever in spec["levers"])
+
+
+def test_round_five_measures_a_tenth_of_the_step_on_growth():
+    from recipes.methods import GROWN, grown_variant
+
+    spec = tt.ROUNDS[5]
+    assert spec["base"] == "topo_grown" and spec["rates"] == tt.ROUNDS[4]["rates"]
+    (lever,) = spec["levers"]
+    method = tt.with_lever(lever, spec["prefix"])
+    assert grown_variant(method) == {**GROWN["topo_grown"], "step_scale": 0.1}

@@ -100,6 +100,15 @@ class GrowthConfig:
             "fewer neurons when one or more still fit, else growth stops (a plain model: use max_params)."
         },
     )
+    step_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Growing a TopoModel: the fraction of the line-searched step a grown layer takes, in place of its "
+            "TopoAdapterConfig's (0.1, chosen for adapters inserted once before training). 1, the paper's step: a "
+            "grown layer's step is taken on the trained model, and a tenth lost on validation there "
+            "(benchmarks/results/transfer_training.md, round 5). A plain model: GrowthConfig.scoring's step_scale."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -136,6 +145,10 @@ class GrowthConfig:
         self.min_delta = check_real("min_delta", self.min_delta, 0.0)
         self.scoring = ScoringConfig.from_any(self.scoring)
         self.max_trainable = check_whole("max_trainable", self.max_trainable, 1, optional=True)
+        scale = check_real("step_scale", self.step_scale, 0.0, strict=True, why=" (1: the line search's step)")
+        if scale > 1.0:
+            raise ValueError(f"step_scale must be in (0, 1]: a fraction of the line-searched step, got {scale}")
+        self.step_scale = scale
 
     def neurons_at(self, insertion: int) -> int:
         """Neurons of the layer inserted `insertion`-th (0-based) by a baseline initialisation."""

@@ -257,7 +257,7 @@ class TopoModelGrower(Grower):
         """insert_layer on the base model, then the plain layer it attached taken out again: the model is unchanged
         and the layer (None when not accepted) is returned for the adapter to take in."""
         base = self.model.get_base_model()
-        scoring = self.adapter_config.scoring_config(positions=positions, **caps)
+        scoring = self.adapter_config.scoring_config(positions=positions, step_scale=self.config.step_scale, **caps)
         record = insert_layer(base, batches, scoring, self.loss_fn, first_step=self._first_step())
         if not record.accepted:
             return record, None
