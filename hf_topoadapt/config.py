@@ -335,7 +335,8 @@ class _TopoAdapterFields:
             "help": "The inserted layers take this fraction of the line-searched step (1: the paper's). 0.1 by "
             "default: the full step fits the calibration examples, in fine-tuning the training examples, through the "
             "new random head; a tenth keeps the positions and directions and leaves the fit to training, which gained "
-            "on validation over the recipes (benchmarks/results/transfer_training.md, round 4)."
+            "on validation over the recipes (benchmarks/results/transfer_training.md, round 4). Growing a TopoModel "
+            "takes GrowthConfig.step_scale instead (1: a tenth lost there, round 5)."
         },
     )
     train_up: bool = field(

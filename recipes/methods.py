@@ -46,8 +46,8 @@ WHOLE_LEVERS = ("num_adapters",)
 # transfer_levers.md), no_embeddings and then a tenth of the line-searched step added to it by the one-lever-at-a-time
 # measurement (transfer_training.md, rounds 1 and 4).
 DEFAULT_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized", "step=0.1")
-# Growth keeps the paper's full step: the step lever was measured on the one-shot default, whose step is taken through
-# a random head; a grown layer's step is taken on the trained model.
+# Growth keeps the paper's full step: a grown layer's step is taken on the trained model, and a tenth lost there on
+# validation (transfer_training.md, round 5); build_topo_grown hands it to GrowthConfig.step_scale.
 GROWN_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized")
 # The ablation that switches a default lever off, where its name is not topo_no_<lever>.
 LEVER_OFF = {"no_embeddings": "topo_with_embeddings", "step=0.1": "topo_full_step"}
@@ -113,11 +113,17 @@ DEFAULT_LRS = {"head": 2e-2, "full": 2e-4, "peft": 1e-2}
 TOPO_POSITION_OPTIONS = ("include_head", "include_embeddings", "exclude_positions")
 
 
+def _levers_after(method: str, prefix: str) -> list[str] | None:
+    """The levers named after `prefix` in `method` (`topo+warmup+crossfit` -> warmup, crossfit), None without it."""
+    if not method.startswith(prefix):
+        return None
+    return [lever for lever in method.removeprefix(prefix).split("+") if lever]
+
+
 def lever_method(method: str) -> dict | None:
     """Options of a method named by its levers, `topo+warmup+crossfit` (`topo+` for none), else None."""
-    if not method.startswith("topo+"):
-        return None
-    return topo_options([lever for lever in method.removeprefix("topo+").split("+") if lever])
+    levers = _levers_after(method, "topo+")
+    return None if levers is None else topo_options(levers)
 
 
 def topo_variant(method: str) -> dict | None:
@@ -128,18 +134,21 @@ def grown_variant(method: str) -> dict | None:
     """Options of a grown method: `topo_grown`, or `topo_grown+<levers>` (levers added to growth's own), else None."""
     if method in GROWN:
         return GROWN[method]
-    if not method.startswith("topo_grown+"):
-        return None
-    return topo_options([*GROWN_LEVERS, *(lever for lever in method.removeprefix("topo_grown+").split("+") if lever)])
+    levers = _levers_after(method, "topo_grown+")
+    return None if levers is None else topo_options([*GROWN_LEVERS, *levers])
+
+
+def _named_by_levers(method: str) -> bool:
+    return lever_method(method) is not None or grown_variant(method) is not None
 
 
 def is_method(method: str) -> bool:
-    return method in METHODS or lever_method(method) is not None or grown_variant(method) is not None
+    return method in METHODS or _named_by_levers(method)
 
 
 def is_matched(method: str) -> bool:
     """Methods built to the matched trainable budget (the gap to it is recorded)."""
-    return method in MATCHED or lever_method(method) is not None or grown_variant(method) is not None
+    return method in MATCHED or _named_by_levers(method)
 
 
 def lr_for(method: str, lrs: dict[str, float]) -> float:
