@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -41,11 +42,14 @@ class InsertionRecord:
     crossfit_gain: float | None = None  # the chosen position's cross-fitted value (ScoringConfig.crossfit)
     line_search_step: int | None = None  # grid index k of the chosen step (eps = start * growth^k)
     replayed: bool = False  # whether the line search's later trials skipped the blocks before the layer
+    # Wall time per phase (capture, eigen_solves, directions, line_search): a figure of this machine, so it is not
+    # saved with the report (TopoReport.seconds).
+    seconds: dict[str, float] = field(default_factory=dict, repr=False)
     scores: list[PositionScore] = field(default_factory=list, repr=False)
     adapter: TopoAdapter | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
-        skip = {"scores", "adapter"}
+        skip = {"scores", "adapter", "seconds"}
         out = {k: v for k, v in self.__dict__.items() if k not in skip}
         out["scores"] = [s.as_dict() for s in self.scores]
         return out
@@ -99,6 +103,7 @@ def insert_layer(
     record = InsertionRecord(
         score.name, score.index, score.eigenvalue, False, scores=scores, directions=config.directions
     )
+    record.seconds = {**scored.seconds, "directions": 0.0, "line_search": 0.0}
     record.crossfit_gain = score.crossfit_eigenvalue
     if score.ranking_value <= max(config.threshold, 0.0):
         what = "largest eigenvalue" if score.crossfit is None else "best cross-fitted value"
@@ -107,9 +112,12 @@ def insert_layer(
             "lowers the loss to second order here"
         )
         return record
+    started = time.perf_counter()
     plans = [plan_directions(score, config)]
     if plans[0].kind != "coordinate":  # optimised directions can miss where the paper's layer still lowers the loss
         plans.append(plan_directions(score, dataclasses.replace(config, directions="coordinate")))
+    record.seconds["directions"] = time.perf_counter() - started
+    started = time.perf_counter()
     base_loss = scored.loss
     for directions in plans:
         adapter = TopoAdapter(
@@ -138,6 +146,7 @@ def insert_layer(
         record.replayed = trials.replayed
         if result.accepted:
             break
+    record.seconds["line_search"] = time.perf_counter() - started
     if not result.accepted:
         tried = " or ".join(f"{plan.kind} directions" for plan in plans)
         record.reason = f"no step of the line search lowered the calibration loss (with {tried})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 
 import torch
@@ -279,7 +280,9 @@ def get_topo_model(
             batches = batches[: config.calibration_batches]
     scoring = config.scoring_config()
     candidates = config_positions(model, scoring, named=config.target_modules)
+    started = time.perf_counter()
     warmed = _warm_up_head(model, config, batches, loss_fn)
+    warmup_seconds = time.perf_counter() - started
     if config.init == "random":
         records = _random_insertions(model, config, candidates, batches, loss_fn)
     else:
@@ -313,6 +316,7 @@ def get_topo_model(
         record, originals = warmed
         _restore_original_heads(peft_model, originals)
         peft_model.topo_report.warmup = record.as_dict()
+        peft_model.topo_report.seconds = {"warmup": warmup_seconds, **peft_model.topo_report.seconds}
     return peft_model
 
 

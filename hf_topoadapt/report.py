@@ -28,12 +28,19 @@ class TopoReport:
     scores: list[dict] = field(default_factory=list)  # every candidate position, from the first scoring round
     insertions: list[dict] = field(default_factory=list)
     warmup: dict | None = None  # the head warm-up before scoring: steps, lr, loss before and after
+    # Where the setup's wall time went (warmup, capture, eigen_solves, directions, line_search, in seconds) on the
+    # machine that built the adapter: not saved with it (the saved report stays the same wherever it is built).
+    seconds: dict[str, float] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_records(cls, records) -> TopoReport:
         scores = [s.as_dict() for s in records[0].scores] if records else []
         insertions = [{key: getattr(r, key) for key in INSERTION_KEYS} for r in records]
-        return cls(scores, insertions)
+        seconds: dict[str, float] = {}
+        for record in records:
+            for phase, value in record.seconds.items():
+                seconds[phase] = seconds.get(phase, 0.0) + value
+        return cls(scores, insertions, seconds=seconds)
 
     @classmethod
     def from_dict(cls, data: dict) -> TopoReport:
@@ -55,6 +62,12 @@ class TopoReport:
             f"Head warm-up before scoring: {', '.join(w['modules'])} alone, {w['steps']} steps at lr {w['lr']:g}, "
             f"calibration loss {w['loss_before']:.4f} -> {w['loss_after']:.4f}."
         )
+
+    def seconds_line(self) -> str:
+        if not self.seconds:
+            return ""
+        parts = ", ".join(f"{phase.replace('_', ' ')} {value:.2f} s" for phase, value in self.seconds.items())
+        return f"Setup {sum(self.seconds.values()):.2f} s: {parts}."
 
     def scores_table(self) -> str:
         chosen = set(self.chosen)
@@ -87,8 +100,10 @@ class TopoReport:
         return "\n".join(lines)
 
     def table(self) -> str:
-        """The warm-up (if any), every position's score and what was inserted, as markdown."""
-        return "\n\n".join(part for part in (self.warmup_line(), self.scores_table(), self.insertions_table()) if part)
+        """The warm-up (if any), every position's score, what was inserted and where the setup's time went, as
+        markdown."""
+        parts = (self.warmup_line(), self.scores_table(), self.insertions_table(), self.seconds_line())
+        return "\n\n".join(part for part in parts if part)
 
     def __str__(self) -> str:
         return self.table()

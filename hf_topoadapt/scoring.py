@@ -7,6 +7,7 @@ position's operator to the solvers. The model comes back exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -186,12 +187,15 @@ class ScoringRound:
     scores: list[PositionScore]
     positions: list
     loss: float  # the mean of the batch losses, from the same forward passes
+    # wall time of the round: the forward and backward passes that capture the positions, and the eigen-solves
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def score_round(
     model: nn.Module, data: Iterable, config: ScoringConfig | None = None, loss_fn: LossFn | None = None
 ) -> ScoringRound:
     """score_positions that also keeps each position's operator and spectrum, and J (for insertion)."""
+    start = time.perf_counter()
     config = ScoringConfig.from_any(config)
     _, curvature = resolve_activation(config.activation)
     positions = config_positions(model, config)
@@ -223,6 +227,7 @@ def score_round(
         batches = materialize(data)
         with scoring_mode(model, config.eval_mode):
             loss_sum = capture(model, batches, positions, loss_fn, accumulators, config.progress)
+    captured = time.perf_counter()
     num_batches = sum_across(len(batches))
     loss = sum_across(loss_sum) / num_batches
     with autocast_off():
@@ -245,7 +250,8 @@ def score_round(
                 positions, accumulators, operators, spectra, fits, strict=True
             )
         ]
-    return ScoringRound(scores, positions, float(loss))
+    seconds = {"capture": captured - start, "eigen_solves": time.perf_counter() - captured}
+    return ScoringRound(scores, positions, float(loss), seconds)
 
 
 def position_score(

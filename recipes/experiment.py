@@ -60,6 +60,9 @@ class RunResult:
     curves: list[dict] = field(default_factory=list)
     gradient_norms: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    # Where a one-shot topo setup's time went (TopoReport.seconds: warmup, capture, eigen_solves, directions,
+    # line_search); empty otherwise.
+    setup_phases: dict = field(default_factory=dict)
 
     @property
     def key(self) -> tuple:
@@ -190,7 +193,7 @@ def run_one(
         method, per_class, seed, float(outcome.test.get("accuracy", math.nan)), built.trainable, gap, lr,
         setup.epochs, outcome.seconds_per_epoch, built.setup_seconds, outcome.inference_seconds_per_batch,
         built.note, built.positions, budget.target, lora_rank, outcome.validation, outcome.best_epoch, outcome.test,
-        outcome.curves, outcome.gradient_norms,
+        outcome.curves, outcome.gradient_norms, setup_phases=built.setup_phases,
     )  # fmt: skip
     return result, built
 

@@ -166,6 +166,7 @@ class Built:
     positions: list[str] = field(default_factory=list)
     callbacks: list[TrainerCallback] = field(default_factory=list)
     setup_seconds: float = 0.0
+    setup_phases: dict[str, float] = field(default_factory=dict)  # TopoReport.seconds of a one-shot topo model
     adapter_lr_ratio: float = 1.0  # the topo layers train at this multiple of the method's learning rate (grown
     # layers join the optimizer's adapter group)
     head_lr: float | None = None  # the head's own rate (the topo layers keep the method's times adapter_lr_ratio)
@@ -363,7 +364,8 @@ def _topo(model, calibration, head, seed, neurons, init, options) -> Built:
         accepted = [i for i in wrapped.topo_report.insertions if i["accepted"]]
         note += ", eps " + " ".join(f"{i['eps']:.3g}" for i in accepted)
         note += f", calibration loss {accepted[0]['loss_before']:.3f} -> {accepted[-1]['loss_after']:.3f}"
-    return Built(wrapped, note=note, positions=chosen)
+    phases = dict(wrapped.topo_report.seconds) if wrapped.topo_report else {}
+    return Built(wrapped, note=note, positions=chosen, setup_phases=phases)
 
 
 def fit_budget(built: Built, budget: Budget) -> Built:

@@ -370,6 +370,19 @@ def test_save_and_load_in_a_fresh_process(cases, fresh_process, family):
     assert seen["trainable"] == 0  # loaded for inference, as peft does without is_trainable=True
 
 
+def test_the_report_times_the_setup_by_phase_and_does_not_save_the_times(cases):
+    case = cases["hf_bert"]
+    seconds = case.model.topo_report.seconds
+    assert list(seconds) == ["capture", "eigen_solves", "directions", "line_search"]  # no head warm-up here
+    assert all(value >= 0 for value in seconds.values()) and seconds["capture"] > 0 and seconds["line_search"] > 0
+    phases = ", ".join(f"{name.replace('_', ' ')} {value:.2f} s" for name, value in seconds.items())
+    assert str(case.model.topo_report).endswith(f"Setup {sum(seconds.values()):.2f} s: {phases}.")
+    saved = json.loads((case.path / "topo_report.json").read_text())
+    assert "seconds" not in saved and all("seconds" not in i for i in saved["insertions"])  # machine-dependent
+    loaded = hta.TopoReport.from_dict(saved)
+    assert loaded.seconds == {} and loaded == case.model.topo_report  # the times do not take part in equality
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_folder_holds_safetensors_report_and_a_card(cases, family):
     case = cases[family]

@@ -221,6 +221,10 @@ def test_tiny_end_to_end_through_the_trainer(tokenizer, tmp_path):
     assert by["head", 2].trainable == 32 * 3 + 3 and by["head", 2].budget_gap is None
     for k in (2, 4):
         assert set(by["bottleneck_at_topo", k].positions) == set(by["topo", k].positions)  # same places
+        phases = by["topo", k].setup_phases  # where the one-shot setup's time went
+        assert set(phases) == {"capture", "eigen_solves", "directions", "line_search"}
+        assert 0 < sum(phases.values()) <= by["topo", k].setup_seconds
+        assert by["bottleneck_at_topo", k].setup_phases == {} and by["lora", k].setup_phases == {}
     for r in results:
         assert r.accuracy == pytest.approx(measured[r.method, r.per_class], abs=1e-12)  # 15 test texts
         assert r.test_metrics["accuracy"] == r.accuracy and 0 < r.test_metrics["macro_f1"] <= 1

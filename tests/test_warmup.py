@@ -76,6 +76,7 @@ def test_get_topo_model_scores_with_the_warmed_head_and_leaves_the_base_model_as
     warmed = hta.get_topo_model(model, config, calibration_data=batches)
     record = warmed.topo_report.warmup
     assert record["steps"] == 25 and record["cached"] and record["loss_after"] < record["loss_before"]
+    assert list(warmed.topo_report.seconds)[0] == "warmup" and warmed.topo_report.seconds["warmup"] > 0
     assert [s["eigenvalue"] for s in warmed.topo_report.scores] != [s["eigenvalue"] for s in plain.topo_report.scores]
     head = warmed.get_base_model().classifier
     assert torch.equal(head.original_module.weight, untouched.classifier.weight)  # the user's head, unchanged
