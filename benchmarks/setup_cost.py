@@ -161,7 +161,7 @@ def plot(table: dict[str, dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     phases = (*PHASES, "other")
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(8.5, 3.5))
     recipes = list(table)
     left = [0.0] * len(recipes)
     for phase in phases:
@@ -170,7 +170,7 @@ def plot(table: dict[str, dict], path: str) -> None:
         left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.axvline(GOAL_EPOCHS, color="black", linestyle="--", linewidth=1, label=f"goal ({GOAL_EPOCHS} epochs)")
     ax.set_xlabel("setup, in training epochs of the same run")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

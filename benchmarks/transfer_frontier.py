@@ -10,7 +10,8 @@ default lever off in turn, random positions, random initialisation at the chosen
 Writes benchmarks/results/transfer_frontier.{md,json} and transfer_frontier_<recipe>.png; each run goes to
 transfer_frontier_<recipe>_runs.jsonl at once. Runs of the learning-rate grid and of the lever selection with the
 same settings (method, size, seed, epochs, learning rate, budget) are the same computation and are reused, not rerun,
-unless `--no-reuse` (the ViT's were: the grid ran on an earlier pretrained ViT than the one the recipe ships).
+unless `--no-reuse` (used for the ViT: its lever selection ran on an earlier pretrained ViT than the one the recipe
+ships; its lr grid was rerun on the shipped one).
 """
 
 from __future__ import annotations
