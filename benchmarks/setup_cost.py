@@ -5,6 +5,7 @@ training epoch over the same training batches of the model it returns.
 
     python benchmarks/setup_cost.py                                   # every recipe, seeds 0 1 2
     python benchmarks/setup_cost.py --recipes minilm_topics --seeds 0
+    python benchmarks/setup_cost.py --method topo+matrix_free --name setup_cost_matrix_free   # a variant
 
 The epoch is a plain loop (forward, backward and an AdamW step per batch of the training split, no evaluation), the
 second of two so that one-time allocations are not counted: a lower bound of the Trainer's epoch, so the ratios are
@@ -51,7 +52,7 @@ def epoch_seconds(model, batches, lr: float, epochs: int = 2) -> float:
     return seconds
 
 
-def measure(recipe: str, seeds, threads: int) -> list[dict]:
+def measure(recipe: str, seeds, threads: int, method: str = "topo") -> list[dict]:
     import torch
 
     from recipes.cli import recipe_lrs
@@ -72,12 +73,12 @@ def measure(recipe: str, seeds, threads: int) -> list[dict]:
         budget = match_budget(model, args.lora_rank, args.num_adapters, task.lora_targets, batch=batches[0])
         steps = args.epochs * len(batches)
         built = build_method(
-            "topo", model, batches, budget, steps, seed, task.lora_targets, head_lr=lr_for("head", lrs)
+            method, model, batches, budget, steps, seed, task.lora_targets, head_lr=lr_for("head", lrs)
         )
-        epoch = epoch_seconds(built.model, batches, lr_for("topo", lrs))
+        epoch = epoch_seconds(built.model, batches, lr_for(method, lrs))
         phases = {phase: built.setup_phases.get(phase, 0.0) for phase in PHASES}
         rows.append({
-            "recipe": recipe, "seed": seed, "per_class": per_class, "lora_rank": args.lora_rank,
+            "recipe": recipe, "method": method, "seed": seed, "per_class": per_class, "lora_rank": args.lora_rank,
             "setup_seconds": built.setup_seconds, "phases": phases, "epoch_seconds": epoch,
             "insertions": len(built.positions), "batches": len(batches),
         })  # fmt: skip
@@ -118,17 +119,18 @@ def summary(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def report(table: dict[str, dict], threads: int) -> str:
+def report(table: dict[str, dict], threads: int, method: str = "topo", name: str = "setup_cost") -> str:
     phases = (*PHASES, "other")
     made = ", ".join(f"{e['insertions']:g} ({recipe})" for recipe, e in table.items())
+    regenerate = "" if method == "topo" else f" --method {method} --name {name}"
     lines = [
         "# Where the topo setup's time goes",
         "",
-        "The recipes' default `topo` at each recipe's smallest size and rank, built as the recipes build it, on "
+        f"The recipes' `{method}` at each recipe's smallest size and rank, built as the recipes build it, on "
         f"{threads} CPU thread(s); each phase in seconds and in training epochs of the same run (mean over seeds). "
         "The epoch is a plain loop over the training batches (forward, backward, AdamW step; no evaluation), so "
         f"the epochs are an upper bound. Issue 9's goal is a setup within {GOAL_EPOCHS} epochs. "
-        "Regenerate with `python benchmarks/setup_cost.py`.",
+        f"Regenerate with `python benchmarks/setup_cost.py{regenerate}`.",
         "",
         "| recipe | seeds | epoch s | setup s | setup in epochs | "
         + " | ".join(f"{p.replace('_', ' ')} (epochs)" for p in phases)
@@ -149,7 +151,7 @@ def report(table: dict[str, dict], threads: int) -> str:
         "passes, the blocks before the layer replayed). "
         f"The average run made {made} insertions.",
         "",
-        "![setup cost](setup_cost.png)",
+        f"![setup cost]({name}.png)",
     ]
     return "\n".join(lines) + "\n"
 
@@ -181,6 +183,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--method", default="topo", help="the recipes' topo method to build (default: the default)")
+    parser.add_argument("--name", default="setup_cost", help="output file stem")
     parser.add_argument("--output-dir", default=OUT)
     args = parser.parse_args(argv)
     import datasets
@@ -188,16 +192,17 @@ def main(argv=None) -> dict:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    rows = [row for recipe in args.recipes for row in measure(recipe, args.seeds, args.threads)]
+    rows = [row for recipe in args.recipes for row in measure(recipe, args.seeds, args.threads, args.method)]
     table = summary(rows)
     os.makedirs(args.output_dir, exist_ok=True)
-    stem = os.path.join(args.output_dir, "setup_cost")
+    stem = os.path.join(args.output_dir, args.name)
+    text = report(table, args.threads, args.method, args.name)
     with open(f"{stem}.json", "w") as f:
-        json.dump({"threads": args.threads, "runs": rows, "summary": table}, f, indent=1)
+        json.dump({"threads": args.threads, "method": args.method, "runs": rows, "summary": table}, f, indent=1)
     with open(f"{stem}.md", "w") as f:
-        f.write(report(table, args.threads))
+        f.write(text)
     plot(table, f"{stem}.png")
-    print(report(table, args.threads))
+    print(text)
     return table
 
 

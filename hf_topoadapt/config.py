@@ -17,6 +17,7 @@ import torch
 from peft import PeftConfig
 
 from .activations import ACTIVATIONS
+from .sensitivity.directions import OPTIMIZE_SOLVERS
 
 SOLVERS = ("auto", "exact", "lanczos")
 SCREEN_TOKENS = 8192
@@ -131,6 +132,18 @@ class ScoringConfig:
         metadata={"help": "'coordinate': the paper's layer (output axes); 'optimized': METHOD.md section 5."},
     )
     optimize_iterations: int = field(default=20, metadata={"help": "Alternating-ascent steps per optimised neuron."})
+    optimize_solver: str = field(
+        default="dense",
+        metadata={
+            "help": "Top eigenpair of each ascent step: 'dense' forms the (q x q) mixture and solves it; "
+            "'matrix_free' runs warm-started Lanczos on products with the captured token pairs; 'auto' does so "
+            "only where the dense path would run Lanczos anyway (more than 512 features), LAPACK below."
+        },
+    )
+    optimize_tol: float = field(
+        default=1e-10,
+        metadata={"help": "An optimised neuron's ascent stops once a step gains less than this (relative)."},
+    )
     threshold: float = field(
         default=0.0, metadata={"help": "Insert only where the largest eigenvalue exceeds this value."}
     )
@@ -244,6 +257,9 @@ class ScoringConfig:
         self.optimize_iterations = check_whole(
             "optimize_iterations", self.optimize_iterations, 0, why=" (0 keeps the best axis)"
         )
+        if self.optimize_solver not in OPTIMIZE_SOLVERS:
+            raise ValueError(f"optimize_solver must be one of {OPTIMIZE_SOLVERS}, got {self.optimize_solver!r}")
+        self.optimize_tol = check_real("optimize_tol", self.optimize_tol, 0.0)
         self.threshold = check_real(
             "threshold", self.threshold, 0.0, why=" (a layer lowers the loss to second order only where the "
             "largest eigenvalue is positive)"
@@ -337,6 +353,15 @@ class _TopoAdapterFields:
             "new random head; a tenth keeps the positions and directions and leaves the fit to training, which gained "
             "on validation over the recipes (benchmarks/results/transfer_training.md, round 4). Growing a TopoModel "
             "takes GrowthConfig.step_scale instead (1: a tenth lost there, round 5)."
+        },
+    )
+    optimize_solver: str = field(
+        default="auto",
+        metadata={
+            "help": "Top eigenpair of each step of the optimised directions' ascent: 'auto' (default) runs Lanczos on "
+            "products with the captured token pairs above 512 features, where 'dense' runs it on a formed (q x q) "
+            "matrix, and LAPACK below; 'dense' forms the matrix everywhere; 'matrix_free' never does. 'auto' cost "
+            "no validation accuracy over the recipes (benchmarks/results/transfer_training.md, round 6)."
         },
     )
     train_up: bool = field(

@@ -62,7 +62,10 @@ def plan_directions(score: PositionScore, config: ScoringConfig) -> Directions:
     coordinate = coordinate_directions(score.neuron_spectrum(config), score.operator.num_outputs, *rule)
     if config.directions == "coordinate":
         return coordinate
-    return optimized_directions(score.operator, score.spectrum, coordinate.num_neurons, config.optimize_iterations)
+    return optimized_directions(
+        score.operator, score.spectrum, coordinate.num_neurons, config.optimize_iterations,
+        tol=config.optimize_tol, solver=config.optimize_solver,
+    )  # fmt: skip
 
 
 def insert_layer(

@@ -35,22 +35,34 @@ LEVERS: dict[str, dict] = {
     # the head trains at the recipe's head-only rate, the topo layers at the method's (one shared rate is a compromise
     # between the two: on EfficientNet the head-only rate is 33x the topo rate)
     "head_lr": {"own_head_lr": True},
+    # the optimised directions' ascent on products with the captured token pairs (warm-started Lanczos) instead of
+    # forming and solving a (q x q) matrix per step: the largest part of the setup (benchmarks/results/setup_cost.md)
+    "matrix_free": {"optimize_solver": "matrix_free"},
+    # the same only at positions wider than 512 features, where the dense ascent runs Lanczos on a formed matrix
+    "wide_matrix_free": {"optimize_solver": "auto"},
 }
 # Levers with a value, written `name=value` in a method name (`topo+optimized+step=0.5`): the fraction of the
 # line-searched step the inserted layers take, and the adapters' learning rate as a multiple of the method's (the head
 # keeps the method's rate; hf_topoadapt.optimizers.create_topo_optimizer).
 # `adapters=N` spreads the budget over N positions instead of the recipe's count (LoRA spreads it over every layer).
-VALUE_LEVERS: dict[str, str] = {"step": "step_scale", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters"}
+# `optimize_tol=T`: where an optimised neuron's ascent stops (TopoAdapterConfig.optimize_tol).
+VALUE_LEVERS: dict[str, str] = {
+    "step": "step_scale", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters", "optimize_tol": "optimize_tol",
+}  # fmt: skip
 WHOLE_LEVERS = ("num_adapters",)
 # The default combination, chosen on validation: optimized by the greedy selection (benchmarks/results/
 # transfer_levers.md), no_embeddings and then a tenth of the line-searched step added to it by the one-lever-at-a-time
-# measurement (transfer_training.md, rounds 1 and 4).
-DEFAULT_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized", "step=0.1")
+# measurement (transfer_training.md, rounds 1 and 4), and the ascent matrix-free on wide positions, which saves time
+# at no cost in accuracy (round 6).
+DEFAULT_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized", "step=0.1", "wide_matrix_free")
 # Growth keeps the paper's full step: a grown layer's step is taken on the trained model, and a tenth lost there on
-# validation (transfer_training.md, round 5); build_topo_grown hands it to GrowthConfig.step_scale.
+# validation (transfer_training.md, round 5); build_topo_grown hands it to GrowthConfig.step_scale. It also keeps the
+# dense ascent its runs were made with (round 6 measured the matrix-free one on one-shot adapters).
 GROWN_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized")
 # The ablation that switches a default lever off, where its name is not topo_no_<lever>.
-LEVER_OFF = {"no_embeddings": "topo_with_embeddings", "step=0.1": "topo_full_step"}
+LEVER_OFF = {
+    "no_embeddings": "topo_with_embeddings", "step=0.1": "topo_full_step", "wide_matrix_free": "topo_formed_matrix",
+}  # fmt: skip
 
 
 def lever_off(lever: str) -> str:
@@ -61,7 +73,10 @@ def lever_off(lever: str) -> str:
 def topo_options(levers) -> dict:
     """TopoAdapterConfig options of a lever set; a lever not in it is off (explicitly: the library's own defaults
     are the chosen levers)."""
-    options = {"include_head": False, "include_embeddings": True, "directions": "coordinate", "step_scale": 1.0}
+    options = {
+        "include_head": False, "include_embeddings": True, "directions": "coordinate", "step_scale": 1.0,
+        "optimize_solver": "dense",
+    }  # fmt: skip
     for lever in levers:
         name, _, value = lever.partition("=")
         if value and name in VALUE_LEVERS:

@@ -496,6 +496,36 @@ def test_optimized_directions_beat_the_best_axis(scored, name):
             assert extrapolated == pytest.approx(single.value, rel=1e-4), (score.name, j)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_matrix_free_directions_reach_the_dense_objective_and_are_second_order_gains(scored, name):
+    """optimize_solver="matrix_free" on token-pair operators: the same objective as the dense ascent (float64:
+    Lanczos' tolerance), and each neuron's value is still its measured second-order gain."""
+    model, batches, loss_fn, _, _, _, base = scored[name, "optimized"]
+    config = ScoringConfig(directions="optimized", solver="lanczos", optimize_solver="matrix_free")
+    scores, taps = score_with_operators(model, batches, config, loss_fn)
+    checked = 0
+    for score, tap in zip(scores, taps, strict=True):
+        if score.eigenvalue <= 0:
+            continue
+        assert score.operator.matrix_free
+        free = plan_directions(score, config)
+        dense = plan_directions(score, ScoringConfig(directions="optimized", solver="lanczos"))
+        assert free.num_neurons == dense.num_neurons
+        assert free.value == pytest.approx(dense.value, rel=1e-6)
+        assert free.values[0] >= score.eigenvalue * (1 - 1e-9)
+        eps = math.sqrt(2e-5 * base / float(free.values[0]))
+        single = Directions(free.down[:1], free.up[:, :1], free.values[:1], "optimized")
+
+        def curvature(e, single=single, tap=tap, layout=score.layout):
+            plus = loss_with(model, batches, loss_fn, tap, single, layout, e)
+            minus = loss_with(model, batches, loss_fn, tap, single, layout, -e)
+            return (2 * base - plus - minus) / e**2
+
+        assert (4 * curvature(eps / 2) - curvature(eps)) / 3 == pytest.approx(single.value, rel=1e-4), score.name
+        checked += 1
+    assert checked >= 2
+
+
 def test_optimized_directions_raise_the_value_on_a_transformer(scored):
     """On the tiny ViT the best single direction is far from every axis (METHOD.md section 5)."""
     _, _, _, config, scores, _, _ = scored["hf_vit", "optimized"]
@@ -509,7 +539,7 @@ def test_optimized_directions_that_lower_no_loss_fall_back_to_the_papers_layer(m
     same position (the record says which was inserted); when neither helps, the reason names both."""
     import hf_topoadapt.insertion as insertion
 
-    def useless(operator, spectrum, num_neurons, iterations):  # output columns of zero: the layer does nothing
+    def useless(operator, spectrum, num_neurons, iterations, **_):  # zero output columns: the layer does nothing
         down = torch.zeros(num_neurons, operator.num_features, dtype=spectrum.vectors.dtype)
         up = torch.zeros(operator.num_outputs, num_neurons, dtype=spectrum.vectors.dtype)
         return Directions(down, up, torch.ones(num_neurons, dtype=down.dtype), "optimized")

@@ -449,7 +449,7 @@ def test_value_levers_set_the_step_and_the_adapters_learning_rate(tokenizer, tmp
 
     assert topo_options(["optimized", "step=0.5", "adapter_lr=0.2"]) == {
         "include_head": False, "include_embeddings": True, "directions": "optimized", "step_scale": 0.5,
-        "adapter_lr_ratio": 0.2,
+        "optimize_solver": "dense", "adapter_lr_ratio": 0.2,
     }  # fmt: skip
     with pytest.raises(ValueError, match="lever 'step=half' needs a number"):
         topo_options(["step=half"])
@@ -492,7 +492,7 @@ def test_up_and_adapters_levers_change_what_trains_within_the_budget(tokenizer):
 
     assert topo_options(["up", "adapters=2"]) == {
         "include_head": False, "include_embeddings": True, "directions": "coordinate", "step_scale": 1.0,
-        "train_up": True, "num_adapters": 2,
+        "optimize_solver": "dense", "train_up": True, "num_adapters": 2,
     }  # fmt: skip
     for bad in ("adapters=1.5", "adapters=0"):
         with pytest.raises(ValueError, match=f"lever '{bad}' needs a whole number >= 1"):
@@ -558,8 +558,23 @@ def test_the_default_takes_a_tenth_of_the_step_and_its_ablation_and_growth_the_f
     assert "step=0.1" in DEFAULT_LEVERS and lever_off("step=0.1") == "topo_full_step"
     assert TOPO_VARIANTS["topo"]["step_scale"] == hta.TopoAdapterConfig().step_scale == 0.1
     assert TOPO_VARIANTS["topo_full_step"] == {**TOPO_VARIANTS["topo"], "step_scale": 1.0}
-    assert GROWN["topo_grown"] == TOPO_VARIANTS["topo_full_step"]
+    assert GROWN["topo_grown"] == {**TOPO_VARIANTS["topo_full_step"], "optimize_solver": "dense"}
     assert TOPO_VARIANTS["topo_paper"]["step_scale"] == 1.0
+
+
+def test_the_default_ascent_is_matrix_free_on_wide_positions_and_its_ablation_and_growth_dense():
+    """wide_matrix_free joined the default (transfer_training.md, round 6): TopoAdapterConfig and the recipes' `topo`
+    agree on optimize_solver="auto"; `topo_formed_matrix` switches only it off; ScoringConfig, the paper's layer and
+    `topo_grown` keep the dense ascent their runs were made with."""
+    import hf_topoadapt as hta
+    from recipes.methods import DEFAULT_LEVERS, GROWN, TOPO_VARIANTS, lever_off
+
+    assert "wide_matrix_free" in DEFAULT_LEVERS and lever_off("wide_matrix_free") == "topo_formed_matrix"
+    assert TOPO_VARIANTS["topo"]["optimize_solver"] == hta.TopoAdapterConfig().optimize_solver == "auto"
+    assert TOPO_VARIANTS["topo_formed_matrix"] == {**TOPO_VARIANTS["topo"], "optimize_solver": "dense"}
+    assert hta.ScoringConfig().optimize_solver == "dense" and TOPO_VARIANTS["topo_paper"]["optimize_solver"] == "dense"
+    assert GROWN["topo_grown"]["optimize_solver"] == "dense"
+    assert hta.TopoAdapterConfig().scoring_config().optimize_solver == "auto"  # what get_topo_model scores with
 
 
 def test_grown_methods_take_levers_on_top_of_growths_own():

@@ -119,10 +119,25 @@ def test_round_four_measures_the_recipes_default_at_the_recipes_current_rates():
 
     spec = tt.ROUNDS[4]
     assert lever_method(spec["base"]) == lever_method(spec["prefix"]) and lever_method(spec["base"])["step_scale"] == 1
-    assert TOPO_VARIANTS["topo"] == lever_method(tt.with_lever("step=0.1", spec["prefix"]))
+    assert TOPO_VARIANTS["topo_formed_matrix"] == lever_method(tt.with_lever("step=0.1", spec["prefix"]))
     now = {recipe: importlib.import_module(f"recipes.{recipe}").DEFAULTS["lrs"]["peft"] for recipe in tt.RECIPES}
     assert spec["rates"] == now
     assert all(lever.startswith("step=") for lever in spec["levers"])
+
+
+def test_round_six_measures_the_matrix_free_ascent_on_round_fours_default_for_time_without_loss():
+    """Round 6's reference is round 4's adopted row (the default of its time); its adopted wide_matrix_free makes
+    today's `topo`; a lever that saves time is adopted on no loss, not on a gain."""
+    from recipes.methods import TOPO_VARIANTS, lever_method
+
+    spec = tt.ROUNDS[6]
+    assert spec["base"] == tt.with_lever("step=0.1", tt.ROUNDS[4]["prefix"]) and spec["rates"] == tt.ROUNDS[4]["rates"]
+    assert lever_method(spec["base"]) == TOPO_VARIANTS["topo_formed_matrix"]
+    assert lever_method(tt.with_lever("wide_matrix_free", spec["prefix"])) == TOPO_VARIANTS["topo"]
+    assert spec["rule"] == "no_loss"
+    assert tt.adopted({"mean_gain": -0.001, "mean_gain_se": 0.004}, "no_loss")
+    assert not tt.adopted({"mean_gain": -0.012, "mean_gain_se": 0.006}, "no_loss")
+    assert not tt.adopted({"mean_gain": -0.001, "mean_gain_se": 0.004})  # the gain rule would not take it
 
 
 def test_round_five_measures_a_tenth_of_the_step_on_growth():

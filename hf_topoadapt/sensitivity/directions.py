@@ -8,6 +8,7 @@ column be any unit vector u and maximise F(u, w) = c sum (u . p)(w . z)^2 by alt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,15 +95,27 @@ def optimized_directions(
     num_neurons: int,
     iterations: int = 20,
     tol: float = 1e-10,
+    solver: str = "dense",
 ) -> Directions:
     """Greedy alternating ascent on F(u, w) = c sum_n (u . p_n)(w . z_n)^2 with |u| = |w| = 1.
 
     Neuron j starts from the j-th best axis (the coordinate solution), keeps u orthogonal to the earlier
     columns, and alternates: w = top eigenvector of sum_r u_r Q^(r); u = normalise(projected
     (w^T Q^(r) w)_r). Each step cannot lower F, so the result is >= the best axis value.
+
+    `solver`: "dense" forms sum_r u_r Q^(r) at every step and solves it (LAPACK up to DENSE_EIGH_MAX features,
+    Lanczos above); "matrix_free" runs Lanczos warm-started from the previous w on products with the token pairs
+    (`mixture_products`), never forming the matrix; an operator kept as dense blocks is solved densely either way
+    (its mixture is cheap to form and LAPACK beats Lanczos there); "auto" runs matrix-free only above DENSE_EIGH_MAX
+    features, where the dense path runs the same Lanczos on a formed matrix, and LAPACK below. All stay monotone. A
+    neuron's ascent stops once a step gains less than `tol` (relative).
     """
+    if solver not in OPTIMIZE_SOLVERS:
+        raise ValueError(f"solver must be one of {OPTIMIZE_SOLVERS}, got {solver!r}")
     d_out, q = operator.num_outputs, operator.num_features
     vectors = spectrum.vectors.to(operator.device)  # the spectrum lives on the host, the operator maybe not
+    wide_enough = solver == "matrix_free" or (solver == "auto" and q > DENSE_EIGH_MAX)
+    matrix_free = wide_enough and operator.matrix_free
     spectrum_rows = spectrum.rows.tolist()
     start_rows = list(dict.fromkeys(spectrum_rows))
     ups, downs, values = [], [], []
@@ -122,8 +135,11 @@ def optimized_directions(
             u_new = _orthogonalise(gains, ups)
             if not torch.isfinite(u_new).all():
                 break
-            mixture = operator.mixture(u_new)
-            top = _top_eigenpair(0.5 * (mixture + mixture.T), start=w)
+            if matrix_free:
+                top = _top_eigenpair_products(operator.mixture_products(u_new), w)
+            else:
+                mixture = operator.mixture(u_new)
+                top = _top_eigenpair(0.5 * (mixture + mixture.T), start=w)
             if top is None:  # LAPACK gave up even in float64: keep the best pair found so far
                 break
             new_value, w_new = top
@@ -148,6 +164,7 @@ def optimized_directions(
 DENSE_EIGH_MAX = 512
 LANCZOS_STEPS = 40
 LANCZOS_RESTARTS = 10
+OPTIMIZE_SOLVERS = ("dense", "matrix_free", "auto")
 
 
 def _top_eigenpair(matrix: torch.Tensor, start: torch.Tensor | None = None) -> tuple[float, torch.Tensor] | None:
@@ -175,20 +192,38 @@ def _canonical_sign(w: torch.Tensor) -> torch.Tensor:
 
 
 def _top_eigenpair_lanczos(matrix: torch.Tensor, start: torch.Tensor) -> tuple[float, torch.Tensor] | None:
+    w = _lanczos_top(lambda x: x @ matrix, start)
+    return None if w is None else (float(w @ matrix @ w), w)
+
+
+def _top_eigenpair_products(
+    products: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor
+) -> tuple[float, torch.Tensor] | None:
+    """`_top_eigenpair_lanczos` of the symmetric matrix behind `products` (x -> x M for rows x)."""
+    w = _lanczos_top(products, start)
+    return None if w is None else (float(products(w[None])[0] @ w), w)
+
+
+def _lanczos_tol(dtype: torch.dtype) -> float:
+    """The relative residual at which a top Ritz pair counts as converged."""
+    return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+def _lanczos_top(products: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor) -> torch.Tensor | None:
+    """The top eigenvector (canonical sign) by restarted Lanczos from `start`; None when it breaks down."""
     # A private generator: Lanczos draws a spare direction each step, which must not move the caller's RNG stream
     # (training that follows insertion would otherwise change with the solver).
-    generator = torch.Generator(device=matrix.device).manual_seed(0)
-    tol = 1e-10 if matrix.dtype == torch.float64 else 1e-5
+    generator = torch.Generator(device=start.device).manual_seed(0)
+    tol = _lanczos_tol(start.dtype)
     v = start[None]
     for _ in range(LANCZOS_RESTARTS):
-        values, vectors, residuals = lanczos(lambda x: x @ matrix, v, LANCZOS_STEPS, generator, tol=tol)
+        values, vectors, residuals = lanczos(products, v, LANCZOS_STEPS, generator, tol=tol)
         v = vectors[:, -1]
         if not torch.isfinite(v).all():
             return None
-        if float(residuals[0, -1]) <= tol * max(abs(float(values[0, -1])), torch.finfo(matrix.dtype).tiny):
+        if float(residuals[0, -1]) <= tol * max(abs(float(values[0, -1])), torch.finfo(start.dtype).tiny):
             break
-    w = _canonical_sign(v[0] / v[0].norm())
-    return float(w @ matrix @ w), w
+    return _canonical_sign(v[0] / v[0].norm())
 
 
 def _orthogonalise(vector: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:

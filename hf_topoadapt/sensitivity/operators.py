@@ -10,7 +10,7 @@ need, so the solvers never see which one they use.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -20,6 +20,7 @@ from .precision import full_precision
 class BlockOperator:
     num_outputs: int
     num_features: int
+    matrix_free = False  # whether mixture_products avoids forming the (q x q) mixture
 
     def token_subsample(self, count: int | None, generator: torch.Generator | None = None) -> BlockOperator:
         """An estimate of the operator from a token subsample (for ranking blocks cheaply); itself by default."""
@@ -36,6 +37,13 @@ class BlockOperator:
     def mixture(self, u: torch.Tensor) -> torch.Tensor:
         """sum_r u_r Q^(r) = c * sum_n (u . p_n) z_n z_n^T, a (q x q) matrix."""
         raise NotImplementedError
+
+    def mixture_products(self, u: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> x (sum_r u_r Q^(r)) for row vectors x (b, q): the symmetrised mixture, formed once here; operators
+        that hold token pairs apply it without forming it."""
+        mixture = self.mixture(u)
+        mixture = 0.5 * (mixture + mixture.T)
+        return lambda x: x @ mixture
 
     def blocks(self, rows: torch.Tensor) -> torch.Tensor:
         """Dense blocks Q^(r) for the given rows, shape (len(rows), q, q)."""
@@ -79,6 +87,14 @@ class _Rows(BlockOperator):
         full = u.new_zeros(self.parent.num_outputs).index_add_(0, self.rows, u)
         return self.parent.mixture(full)
 
+    def mixture_products(self, u):
+        full = u.new_zeros(self.parent.num_outputs).index_add_(0, self.rows, u)
+        return self.parent.mixture_products(full)
+
+    @property
+    def matrix_free(self) -> bool:
+        return self.parent.matrix_free
+
     def blocks(self, rows):
         return self.parent.blocks(self.rows[rows])
 
@@ -116,6 +132,8 @@ class DenseBlocks(BlockOperator):
 class TokenPairs(BlockOperator):
     """Q from N captured pairs; `weight` rescales a token subsample back to the full sum."""
 
+    matrix_free = True
+
     def __init__(self, z: torch.Tensor, p: torch.Tensor, curvature: float, weight: float = 1.0):
         self.z, self.p = z, p
         self.scale = curvature * weight
@@ -140,6 +158,12 @@ class TokenPairs(BlockOperator):
     def mixture(self, u):
         weights = self.p @ u
         return self.scale * (self.z * weights[:, None]).T @ self.z
+
+    def mixture_products(self, u):
+        # O(N q) per product instead of O(N q^2) to form the matrix: cheaper while a solve takes fewer products
+        # than there are features
+        weights = self.scale * (self.p @ u)
+        return lambda x: ((x @ self.z.T) * weights) @ self.z
 
     def blocks(self, rows):
         return accumulate_blocks(self.z, self.p[:, rows], self.scale)
