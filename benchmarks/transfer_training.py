@@ -80,14 +80,14 @@ ROUND4_BASE = with_lever("step=1", ROUND2_BASE)
 # while TopoModel growth with a default TopoAdapterConfig takes a tenth: measured here on the recipes' grown method.
 ROUND5_LEVERS = ("step=0.1",)
 # Round 6: the setup's largest part, the optimised directions' ascent, solved with warm-started Lanczos on products
-# with the token pairs instead of a (q x q) matrix formed and solved per step: `matrix_free+optimize_tol=1e-5` stops
-# a neuron's ascent at Lanczos' own tolerance (5-6x faster there; the same objective to a few parts in 10^4, other
-# local optima where neurons tie); `matrix_free` keeps the dense ascent's stopping rule (the same neurons to
-# rounding); `wide_matrix_free` (optimize_solver="auto") goes matrix-free only above 512 features, where the dense
-# ascent already runs Lanczos but on a formed matrix (MiniLM's and the ViT's positions are all narrower). Its
-# reference is round 4's `step=0.1` row, the recipes' default since (the same options, the same rates, the ViT's on
-# the shipped ViT). A lever that saves time is adopted when it costs no accuracy: its mean change over the recipes
-# is above minus its standard error (rule "no_loss").
+# with the token pairs instead of a (q x q) matrix formed and solved per step: `matrix_free+optimize_tol=1e-5` stops a
+# neuron's ascent at Lanczos' own tolerance (4-5x faster directions: setup_cost_matrix_free_tol.md; the same objective
+# to a few parts in 10^4, other local optima where neurons tie); `matrix_free` keeps the dense ascent's stopping rule
+# (the same neurons to rounding); `wide_matrix_free` (optimize_solver="auto") goes matrix-free only above 512 features,
+# where the dense ascent already runs Lanczos but on a formed matrix (MiniLM's and the ViT's positions are all
+# narrower). Its reference is round 4's `step=0.1` row, the recipes' default since (the same options, the same rates,
+# the ViT's on the shipped ViT). A lever that saves time is adopted when it costs no accuracy: its mean change over the
+# recipes is above minus its standard error (rule "no_loss").
 ROUND6_LEVERS = ("matrix_free+optimize_tol=1e-5", "matrix_free", "wide_matrix_free")
 ROUND6_BASE = with_lever("step=0.1", ROUND2_BASE)
 # The topo rate each round ran at, per recipe (the recipes' rate of the time): a run at another rate is not the round's.

@@ -5,6 +5,7 @@ The CUDA autocast test runs only where a GPU is present."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -207,6 +208,30 @@ def test_scoring_and_insertion_under_cpu_autocast(family):
         assert ours.eigenvalue == pytest.approx(full.eigenvalue, rel=3e-2)  # states and adjoints came in bf16
     assert record.accepted and record.position == max(plain, key=lambda s: s.eigenvalue).name
     assert record.measured_decrease > 0 and math.isfinite(record.eps)
+
+
+@pytest.mark.parametrize("precision", ["bf16_weights", "autocast"])
+def test_matrix_free_directions_in_bf16_reach_the_dense_objective_in_float32(precision):
+    """The matrix-free ascent (token pairs, Lanczos products) works from a bf16 model or under autocast: its
+    directions stay float32 and reach the dense ascent's objective, and the layer is inserted."""
+    from hf_topoadapt.insertion import plan_directions
+
+    model, batches, loss_fn = float32_case("hf_bert")
+    if precision == "bf16_weights":
+        model, batches = model.to(torch.bfloat16), cast(batches, torch.bfloat16)
+    settings = {"directions": "optimized", "solver": "lanczos", "line_search_steps": 4}
+    free_config = hta.ScoringConfig(**settings, optimize_solver="matrix_free")
+    context = torch.autocast(**BF16_AUTOCAST) if precision == "autocast" else contextlib.nullcontext()
+    with context:
+        scores = score_with_operators(model, batches, free_config, loss_fn)[0]
+        score = max(scores, key=lambda s: s.eigenvalue)
+        assert score.operator.matrix_free
+        free = plan_directions(score, free_config)
+        dense = plan_directions(score, hta.ScoringConfig(**settings))
+        record = hta.insert_layer(copy.deepcopy(model), batches, free_config, loss_fn)
+    assert free.down.dtype == free.up.dtype == torch.float32
+    assert free.value == pytest.approx(dense.value, rel=1e-3)
+    assert record.accepted and record.directions in ("optimized", "coordinate") and math.isfinite(record.eps)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

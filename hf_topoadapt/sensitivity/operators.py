@@ -39,11 +39,9 @@ class BlockOperator:
         raise NotImplementedError
 
     def mixture_products(self, u: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """x -> x (sum_r u_r Q^(r)) for row vectors x (b, q): the symmetrised mixture, formed once here; operators
-        that hold token pairs apply it without forming it."""
-        mixture = self.mixture(u)
-        mixture = 0.5 * (mixture + mixture.T)
-        return lambda x: x @ mixture
+        """x -> x (sum_r u_r Q^(r)) for row vectors x (b, q), without forming the mixture: only operators with
+        `matrix_free` (the ascent forms `mixture` for the others)."""
+        raise NotImplementedError
 
     def blocks(self, rows: torch.Tensor) -> torch.Tensor:
         """Dense blocks Q^(r) for the given rows, shape (len(rows), q, q)."""
