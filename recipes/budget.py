@@ -8,7 +8,7 @@ import contextlib
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -59,20 +59,26 @@ def lora_params_per_rank(model: nn.Module, target_modules: Sequence[str]) -> int
     return total
 
 
+def neuron_cost(width: int, channels: bool, kernel_size: int = 3) -> int:
+    """Trainable parameters of one topo neuron: width + 1 on a token/vector stream (a row of D and its bias),
+    channels * k * k + 1 on an image stream (a k x k conv)."""
+    return width * kernel_size**2 + 1 if channels else width + 1
+
+
 def position_costs(
-    model: nn.Module, batch: dict | None = None, kernel_size: int = 3
-) -> tuple[dict[str, int], dict[str, int]]:
-    """Trainable parameters per topo neuron at every candidate position: width + 1 on a token/vector stream
-    (D is m x d, b is m), channels * k * k + 1 on an image stream (a k x k conv). Widths come from one forward
-    pass on `batch`, or from `model.config.hidden_size` without one. Returns (costs, widths) by position."""
+    model: nn.Module, batch: dict | None = None, kernel_size: int = 3, names: Sequence[str] | None = None
+) -> tuple[dict[str, int], dict[str, int], frozenset[str]]:
+    """Trainable parameters per topo neuron at every candidate position, or at the `names`d ones (`neuron_cost`).
+    Widths come from one forward pass on `batch`, or from `model.config.hidden_size` without one. Returns (costs,
+    widths, the image-stream positions)."""
     from hf_topoadapt.locate import find_positions
     from hf_topoadapt.sensitivity.capture import transform_stream
     from hf_topoadapt.sensitivity.features import layout_of
 
-    positions = find_positions(model)
+    positions = find_positions(model, positions=list(names) if names is not None else None)
     if batch is None:
         width = int(model.config.hidden_size)
-        return {p.name: width + 1 for p in positions}, {p.name: width for p in positions}
+        return {p.name: width + 1 for p in positions}, {p.name: width for p in positions}, frozenset()
     seen: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack, torch.no_grad():
         for p in positions:
@@ -81,15 +87,17 @@ def position_costs(
         model.eval()
         model(**{k: v[:2] for k, v in batch.items()})
         model.train(was_training)
-    costs, widths = {}, {}
+    costs, widths, images = {}, {}, set()
     for p in positions:
         if p.name not in seen:
             continue
         h = seen[p.name]
         channels = layout_of(h) == "channels"
         widths[p.name] = h.shape[1] if channels else h.shape[-1]
-        costs[p.name] = widths[p.name] * kernel_size**2 + 1 if channels else widths[p.name] + 1
-    return costs, widths
+        costs[p.name] = neuron_cost(widths[p.name], channels, kernel_size)
+        if channels:
+            images.add(p.name)
+    return costs, widths, frozenset(images)
 
 
 @dataclass
@@ -108,6 +116,8 @@ class Budget:
     topo_expected: int
     costs: dict[str, int] = field(default_factory=dict, repr=False)
     widths: dict[str, int] = field(default_factory=dict, repr=False)
+    channels: frozenset[str] = frozenset()  # positions on an image stream, whose neurons are k x k convs
+    kernel_size: int = 3  # the conv's k in `costs`
 
     def relative_gap(self, count: int) -> float:
         return (count - self.target) / self.target
@@ -147,14 +157,32 @@ class Budget:
             total += self.costs[best]
         return {p: max(1, m) for p, m in keep.items()}
 
-    def adjusted(self, num_adapters: int | None = None, train_up: bool = False) -> Budget:
-        """The same target spread over `num_adapters` positions, and with every neuron also training its output
-        direction U (`train_up`: width more parameters per neuron); self when neither changes."""
-        if num_adapters is None and not train_up:
+    def with_positions(self, model: nn.Module, batch: dict, names: Sequence[str]) -> Budget:
+        """The same budget with the costs of further candidate positions (module names, e.g. attention outputs)."""
+        extra = [name for name in names if name not in self.costs]
+        if not extra:
+            return self
+        costs, widths, channels = position_costs(model, batch, self.kernel_size, extra)
+        return replace(
+            self, costs={**self.costs, **costs}, widths={**self.widths, **widths}, channels=self.channels | channels
+        )
+
+    def adjusted(
+        self, num_adapters: int | None = None, train_up: bool = False, kernel_size: int | None = None
+    ) -> Budget:
+        """The same target spread over `num_adapters` positions, with every neuron also training its output
+        direction U (`train_up`: width more parameters per neuron), and with k x k convs on image streams
+        (`kernel_size`); self when nothing changes."""
+        kernel = self.kernel_size if kernel_size is None else kernel_size
+        if num_adapters is None and not train_up and kernel == self.kernel_size:
             return self
         count = self.num_adapters if num_adapters is None else num_adapters
-        costs = {p: c + self.widths[p] for p, c in self.costs.items()} if train_up else dict(self.costs)
-        return sized_budget(self.lora_rank, count, self.head_params, self.target, costs, self.widths)
+        costs = {p: neuron_cost(self.widths[p], p in self.channels, kernel) for p in self.costs}
+        if train_up:
+            costs = {p: c + self.widths[p] for p, c in costs.items()}
+        return sized_budget(
+            self.lora_rank, count, self.head_params, self.target, costs, self.widths, self.channels, kernel
+        )
 
     @property
     def uniform(self) -> bool:
@@ -176,14 +204,16 @@ def match_budget(
     not `config.hidden_size` (CNNs, anything that is not BERT-like).
     """
     head_params = sum(p.numel() for p in model.get_submodule(head_name(model)).parameters())
-    costs, widths = position_costs(model, batch, kernel_size)
+    costs, widths, channels = position_costs(model, batch, kernel_size)
     target = lora_rank * lora_params_per_rank(model, lora_targets) + head_params
-    return sized_budget(lora_rank, num_adapters, head_params, target, costs, widths)
+    return sized_budget(lora_rank, num_adapters, head_params, target, costs, widths, channels, kernel_size)
 
 
-def sized_budget(lora_rank, num_adapters, head_params, target, costs, widths) -> Budget:
+def sized_budget(
+    lora_rank, num_adapters, head_params, target, costs, widths, channels=frozenset(), kernel_size=3
+) -> Budget:
     """The Budget whose first guess of neurons per adapter meets `target` at the median per-neuron cost."""
     typical = statistics.median(costs.values())
     neurons = max(1, round((target - head_params) / (num_adapters * typical)))
     expected = round(num_adapters * neurons * typical) + head_params
-    return Budget(lora_rank, num_adapters, neurons, head_params, target, expected, costs, widths)
+    return Budget(lora_rank, num_adapters, neurons, head_params, target, expected, costs, widths, channels, kernel_size)

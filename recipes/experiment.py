@@ -180,7 +180,7 @@ def run_one(
     run_dir = checkpoint_dir(output_dir, task.name, method, f"k{per_class}", f"s{seed}", f"r{lora_rank}")
     # With its own head rate, the optimizer's base rate is the head's and the topo layers' is the method's times
     # adapter_lr_ratio, expressed as a multiple of it.
-    base_lr = built.head_lr or lr
+    base_lr = built.head_lr or lr * built.head_lr_ratio
     outcome = fit(
         built.model, splits, task.collator, base_lr, seed, setup, run_dir, built.callbacks, head_name(model),
         adapter_lr_ratio=built.adapter_lr_ratio * lr / base_lr,

@@ -40,16 +40,29 @@ LEVERS: dict[str, dict] = {
     "matrix_free": {"optimize_solver": "matrix_free"},
     # the same only at positions wider than 512 features, where the dense ascent runs Lanczos on a formed matrix
     "wide_matrix_free": {"optimize_solver": "auto"},
+    # every block's attention output competes too (TopoAdapterConfig.positions names them): on the transformers the
+    # default chooses 3 of 4 (ViT) or 6 (MiniLM) block outputs, so which positions it takes can matter little
+    "attention": {"attention_positions": True},
+    # the layers at positions drawn at random among the candidates (topo_random_positions' rule): with `attention` on
+    # the transformers, whether the ranking matters where it has room to
+    "random_positions": {"positions": "random"},
 }
 # Levers with a value, written `name=value` in a method name (`topo+optimized+step=0.5`): the fraction of the
 # line-searched step the inserted layers take, and the adapters' learning rate as a multiple of the method's (the head
 # keeps the method's rate; hf_topoadapt.optimizers.create_topo_optimizer).
 # `adapters=N` spreads the budget over N positions instead of the recipe's count (LoRA spreads it over every layer).
 # `optimize_tol=T`: where an optimised neuron's ascent stops (TopoAdapterConfig.optimize_tol).
+# `kernel=K`: the inserted conv's kernel on image streams (TopoAdapterConfig.kernel_size, 3 by default): a 3 x 3
+# neuron on C channels costs 9 C + 1 parameters, so at EfficientNet's r=1 budget a position gets 3-6 of them.
+# `direction=A`: the inserted rows of D trained as magnitude times a direction whose entries are of size A, which Adam
+# turns by about lr / A per step (recipes/anchored.py): an ablation of what the eigen direction of D is worth.
+# `head_rate=R`: the head at R times the method's rate, the topo layers at the method's (`head_lr` puts the head at
+# the recipe's head-only rate, up to 33x the topo rate, too fast beside layers that change its inputs).
 VALUE_LEVERS: dict[str, str] = {
     "step": "step_scale", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters", "optimize_tol": "optimize_tol",
+    "kernel": "kernel_size", "direction": "direction_scale", "head_rate": "head_lr_ratio",
 }  # fmt: skip
-WHOLE_LEVERS = ("num_adapters",)
+WHOLE_LEVERS = ("num_adapters", "kernel_size")
 # The default combination, chosen on validation: optimized by the greedy selection (benchmarks/results/
 # transfer_levers.md), no_embeddings and then a tenth of the line-searched step added to it by the one-lever-at-a-time
 # measurement (transfer_training.md, rounds 1 and 4), and the ascent matrix-free on wide positions, which saves time
@@ -125,7 +138,7 @@ MATCHED = ("lora", "adalora", *TOPO_FAMILY)
 DEFAULT_LRS = {"head": 2e-2, "full": 2e-4, "peft": 1e-2}
 
 
-TOPO_POSITION_OPTIONS = ("include_head", "include_embeddings", "exclude_positions")
+TOPO_POSITION_OPTIONS = ("include_head", "include_embeddings", "exclude_positions", "positions")
 
 
 def _levers_after(method: str, prefix: str) -> list[str] | None:
@@ -185,6 +198,7 @@ class Built:
     adapter_lr_ratio: float = 1.0  # the topo layers train at this multiple of the method's learning rate (grown
     # layers join the optimizer's adapter group)
     head_lr: float | None = None  # the head's own rate (the topo layers keep the method's times adapter_lr_ratio)
+    head_lr_ratio: float = 1.0  # else the head at this multiple of the method's rate
     # Called after training: adds what happened during it (growth's scoring and insertions) to note, positions and
     # setup_seconds.
     after_fit: Callable[[Built], None] | None = None
@@ -213,11 +227,17 @@ def build_method(
     options = dict(variant or {})
     adapter_lr_ratio = options.pop("adapter_lr_ratio", 1.0)  # optimizer settings (fit's), not the adapters'
     own_head_lr = options.pop("own_head_lr", False)
+    head_lr_ratio = options.pop("head_lr_ratio", 1.0)
+    direction_scale = options.pop("direction_scale", None)
+    if options.pop("attention_positions", False):
+        names = [*topo_candidates(model, options, budget), *attention_outputs(model)]
+        budget = budget.with_positions(model, calibration[0], names)
+        options["candidates"] = names
     if variant is not None:  # a lever that changes what a neuron costs, or over how many positions the budget spreads
         spread = options.pop("num_adapters", None)
         if spread is not None:  # more positions than the model has: every candidate, each with its share
             spread = min(spread, len(topo_candidates(model, options, budget)))
-        budget = budget.adjusted(spread, options.get("train_up", False))
+        budget = budget.adjusted(spread, options.get("train_up", False), options.get("kernel_size"))
     if grown is not None:
         built = build_topo_grown(model, calibration, budget, seed, head, options)
     elif variant is not None:
@@ -225,11 +245,30 @@ def build_method(
         built = build_topo(model, calibration, budget, seed, head, topo_positions, **options)
     else:
         built = _build_baseline(method, model, calibration, budget, total_steps, list(lora_targets), head, head_lr)
+    if direction_scale is not None:
+        anchor(built, direction_scale)
     built.adapter_lr_ratio = adapter_lr_ratio
     built.head_lr = head_lr if own_head_lr else None
+    built.head_lr_ratio = head_lr_ratio
     built.setup_seconds = time.perf_counter() - start
     built.trainable = count_trainable(built.model)
     return built
+
+
+def anchor(built: Built, scale: float) -> None:
+    """The `direction=A` lever on a built topo model; the plain weights come back after training."""
+    from .anchored import anchor_directions, release
+
+    downs = anchor_directions(built.model, scale)
+    before = built.after_fit
+
+    def after_fit(built: Built) -> None:
+        release(downs)
+        if before is not None:
+            before(built)
+
+    built.after_fit = after_fit
+    built.note += f", directions anchored at entry scale {scale:g}"
 
 
 def _build_baseline(method, model, calibration, budget, total_steps, lora_targets, head, head_lr) -> Built:
@@ -303,13 +342,29 @@ def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, 
     return Built(wrapped, note="head, grown during training", callbacks=[callback], after_fit=after_fit)
 
 
+def attention_outputs(model: nn.Module) -> list[str]:
+    """Module names of every block's attention sublayer (a child named attention, self_attn or attn)."""
+    from hf_topoadapt.locate import find_block_list
+
+    path, blocks = find_block_list(model)
+    names = []
+    for i, block in enumerate(blocks):
+        children = dict(block.named_children())
+        child = next((c for c in ("attention", "self_attn", "attn") if c in children), None)
+        if child is not None:
+            names.append(f"{path}.{i}.{child}")
+    return names
+
+
 def topo_candidates(model: nn.Module, options: dict, budget: Budget) -> list[str]:
     """The positions a topo variant with these TopoAdapterConfig options ranks (the library's defaults for the rest)
     that the budget has a cost for."""
     import hf_topoadapt as hta
     from hf_topoadapt.locate import config_positions
 
-    config = hta.TopoAdapterConfig(**{k: v for k, v in options.items() if k in TOPO_POSITION_OPTIONS})
+    # a string `positions` is build_topo's rule ("random", "fixed"...), a list TopoAdapterConfig.positions
+    chosen = {k: v for k, v in options.items() if k in TOPO_POSITION_OPTIONS and not isinstance(v, str)}
+    config = hta.TopoAdapterConfig(**chosen)
     return [p.name for p in config_positions(model, config) if p.name in budget.costs]
 
 
@@ -324,13 +379,17 @@ def build_topo(
     init: str = "eigen",
     fixed: list[str] | None = None,
     neurons: int | None = None,
+    candidates: list[str] | None = None,
     **options,
 ) -> Built:
     """Topo adapters at the budget: built with enough neurons, then each trimmed (its neurons come strongest first) so
     the trainable count meets the budget. With equal widths everywhere (a transformer) the request is the matched
     count itself; in a CNN a neuron's cost differs by position. `positions="fixed"` with `fixed` names the positions,
-    and `neurons` fixes the neurons of every adapter (no trimming to the budget)."""
+    and `neurons` fixes the neurons of every adapter (no trimming to the budget); `candidates` names the positions
+    that compete."""
     options = {"num_adapters": budget.num_adapters, **options}
+    if candidates:  # the positions that compete (TopoAdapterConfig.positions), beyond the default block outputs
+        options["positions"] = list(candidates)
     if options.get("neuron_budget") is True and init == "eigen":  # the library allocates it by value per parameter
         options["neuron_budget"] = budget.target - budget.head_params
     else:  # random rows get exactly the recipe's allocation below

@@ -27,7 +27,7 @@ from recipes.data import (  # noqa: E402
     to_pixels,
 )
 from recipes.experiment import calibration_batches  # noqa: E402
-from recipes.methods import GROWN, MATCHED, TOPO_VARIANTS, build_method  # noqa: E402
+from recipes.methods import DEFAULT_LEVERS, GROWN, MATCHED, TOPO_VARIANTS, build_method, lever_method  # noqa: E402
 
 pytest.importorskip("mlxtend")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -143,6 +143,64 @@ def test_every_matched_method_is_within_ten_percent(which, mnist, monkeypatch):
         else:
             assert abs(gap) <= 0.10, (which, method, built.trainable, budget.target, built.note)
         assert built.model(**batches[0]).logits.shape[-1] == (10 if which == "effnet" else 5)
+
+
+def test_kernel_lever_prices_pointwise_neurons_and_meets_the_budget(mnist):
+    """`kernel=1` inserts 1 x 1 convs: a neuron on C channels costs C + 1 instead of 9 C + 1, so the same budget
+    buys more neurons (here over twice as many, at other positions), and the built model still meets it; an even
+    kernel is refused by the config, naming it."""
+    batches = few_batches(mnist, 3, 32, range(10), per_class=1, batch_size=10)
+    model = effnet()
+    budget = match_budget(model, 1, 3, ["_project_conv"], batch=batches[0])
+    pointwise = budget.adjusted(kernel_size=1)
+    assert budget.channels and pointwise.channels == budget.channels and pointwise.kernel_size == 1
+    assert all(pointwise.costs[p] == budget.widths[p] + 1 for p in budget.channels)
+    assert all(budget.costs[p] == 9 * budget.widths[p] + 1 for p in budget.channels)
+    assert pointwise.target == budget.target and budget.adjusted(kernel_size=3) is budget
+    three = build_method("topo+no_embeddings", effnet(), batches, budget, 10, 0, ["_project_conv"])
+    one = build_method("topo+no_embeddings+kernel=1", effnet(), batches, budget, 10, 0, ["_project_conv"])
+    convs = [m for n, m in one.model.named_modules() if n.endswith("topo_down.default")]
+    assert convs and all(conv.kernel_size == (1, 1) for conv in convs)
+    assert abs(budget.relative_gap(one.trainable)) <= 0.10, (one.trainable, budget.target, one.note)
+
+    def neurons(built):
+        return sum(s["neurons"] for s in built.model.peft_config["default"].adapter_shapes.values())
+
+    assert neurons(one) > 2 * neurons(three), (one.note, three.note)
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd number"):
+        build_method("topo+no_embeddings+kernel=2", effnet(), batches, budget, 10, 0, ["_project_conv"])
+
+
+def test_attention_lever_scores_attention_outputs_beside_block_outputs_within_the_budget(mnist):
+    """`attention`: every block's attention output competes with the block outputs (the ViT's 4 blocks give 8
+    candidates for 2 adapters instead of 4), each priced at its width, and the built model meets the budget."""
+    from hf_topoadapt.locate import find_block_list
+    from recipes.methods import attention_outputs
+
+    batches = few_batches(mnist, 1, 28, [5, 6, 7, 8, 9])
+    targets = ["q_proj", "v_proj"]
+    model = vit()
+    path, blocks = find_block_list(model)
+    assert attention_outputs(model) == [f"{path}.{i}.attention" for i in range(len(blocks))]
+    budget = match_budget(model, 2, 2, targets, batch=batches[0])
+    wider = budget.with_positions(model, batches[0], attention_outputs(model))
+    assert set(wider.costs) == set(budget.costs) | set(attention_outputs(model))
+    assert all(wider.costs[name] == model.config.hidden_size + 1 for name in attention_outputs(model))
+    assert budget.with_positions(model, batches[0], list(budget.costs)) is budget
+    built = build_method("topo+no_embeddings+attention", vit(), batches, budget, 5, 0, targets)
+    scored = {s["name"] for s in built.model.topo_report.scores}
+    assert set(attention_outputs(model)) <= scored and "embeddings" not in scored, scored
+    assert abs(budget.relative_gap(built.trainable)) <= 0.10, (built.trainable, budget.target, built.note)
+    assert built.model(**batches[0]).logits.shape[-1] == 5
+    # with `random_positions` the layers go to positions drawn among all of them (seeded: the same draw again)
+    method = "topo+no_embeddings+attention+random_positions"
+    drawn = [build_method(method, vit(), batches, budget, 5, seed, targets) for seed in (0, 0, 1, 2)]
+    assert drawn[0].positions == drawn[1].positions and len(drawn[0].positions) == 2
+    assert {p for built in drawn for p in built.positions} <= set(wider.costs)
+    assert all(abs(budget.relative_gap(built.trainable)) <= 0.10 for built in drawn)
+    assert TOPO_VARIANTS["topo_random_positions"] == lever_method(
+        "topo+" + "+".join(DEFAULT_LEVERS) + "+random_positions"
+    )
 
 
 def test_lora_on_conv_counts_in_times_kernel_plus_out():
