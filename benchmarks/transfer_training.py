@@ -90,6 +90,35 @@ ROUND5_LEVERS = ("step=0.1",)
 # recipes is above minus its standard error (rule "no_loss").
 ROUND6_LEVERS = ("matrix_free+optimize_tol=1e-5", "matrix_free", "wide_matrix_free")
 ROUND6_BASE = with_lever("step=0.1", ROUND2_BASE)
+# Round 7: the inserted conv's kernel on image streams. A 3 x 3 neuron on C channels trains 9 C + 1 parameters, so at
+# EfficientNet's r=1 budget its positions got 3-6 neurons each (transfer_frontier_effnet_mnist_runs.jsonl) and the
+# seed that got 11 in all ended at 0.50; `kernel=1` (a pointwise conv, as LoRA's B on the 1 x 1 projections) gives
+# 9x the neurons at the same budget. The transformers have no image stream: their runs are the default's.
+ROUND7_LEVERS = ("kernel=1",)
+ROUND7_BASE = with_lever("wide_matrix_free", ROUND6_BASE)
+# Round 8: attention outputs compete with the block outputs. On the transformers the default chooses 3 of 4 (ViT) or 6
+# (MiniLM) block outputs, so the ranking has little room to matter (random positions did as well there), while on
+# EfficientNet, 3 of 16, TD positions beat random ones. EfficientNet's blocks have no attention: not run there.
+ROUND8_LEVERS = ("attention",)
+ROUND8_BASE = ROUND7_BASE
+# Round 9: what the eigen direction of D is worth. Adam's steps are about the learning rate per entry, and the inserted
+# rows start with entries of about 1e-3: on EfficientNet their mean cosine to the initial direction is 0.46 after 10
+# steps (direction_drift.md). `direction=A` trains D as magnitude times a direction with entries of size A
+# (recipes/anchored.py), which Adam turns by about lr / A per step. An ablation: if holding the direction loses, the
+# layers need more than their initial rows, and their value is in their positions and output directions.
+ROUND9_LEVERS = ("direction=1", "direction=0.1")
+ROUND9_BASE = ROUND7_BASE
+# Round 10: the head's rate. The head trains at the topo rate (EfficientNet 0.003, where LoRA's head trains at 0.01
+# and head-only at 0.1), and EfficientNet's weakest topo run ended below head-only (0.498 against 0.589, training loss
+# still 1.6 after 10 epochs): `head_rate=R` puts the head at R times the topo rate, the layers at the topo rate
+# (round 1's `head_lr`, the head-only rate, lost on EfficientNet and the ViT).
+ROUND10_LEVERS = ("head_rate=3", "head_rate=10")
+ROUND10_BASE = ROUND7_BASE
+# Round 11: does the ranking matter where it has room? Random positions among the block outputs did as well as the
+# TD's on the transformers (transfer_frontier.md), where the default takes 3 of 4 or 6; with the attention outputs
+# competing too there are 8 (ViT) or 12 (MiniLM) candidates. An ablation (rule "ablation": nothing to adopt).
+ROUND11_LEVERS = ("attention", "random_positions", "attention+random_positions")
+ROUND11_BASE = ROUND7_BASE
 # The topo rate each round ran at, per recipe (the recipes' rate of the time): a run at another rate is not the round's.
 RATES_THEN = {"minilm_topics": 1e-2, "effnet_mnist": 3e-3, "vit_digits": 3e-2}
 RATES_ROUND3 = {"minilm_topics": 1e-2, "effnet_mnist": 1e-2, "vit_digits": 1e-2}
@@ -104,6 +133,24 @@ ROUNDS = {
     4: {"base": ROUND4_BASE, "prefix": ROUND2_BASE, "levers": ROUND4_LEVERS, "rates": RATES_NOW},
     5: {"base": "topo_grown", "prefix": "topo_grown", "levers": ROUND5_LEVERS, "rates": RATES_NOW},
     6: {"base": ROUND6_BASE, "prefix": ROUND6_BASE, "levers": ROUND6_LEVERS, "rates": RATES_NOW, "rule": "no_loss"},
+    7: {"base": ROUND7_BASE, "prefix": ROUND7_BASE, "levers": ROUND7_LEVERS, "rates": RATES_NOW},
+    8: {
+        "base": ROUND8_BASE,
+        "prefix": ROUND8_BASE,
+        "levers": ROUND8_LEVERS,
+        "rates": RATES_NOW,
+        "recipes": ("minilm_topics", "vit_digits"),  # the recipes the lever changes, and over which it is averaged
+    },
+    9: {"base": ROUND9_BASE, "prefix": ROUND9_BASE, "levers": ROUND9_LEVERS, "rates": RATES_NOW},
+    10: {"base": ROUND10_BASE, "prefix": ROUND10_BASE, "levers": ROUND10_LEVERS, "rates": RATES_NOW},
+    11: {
+        "base": ROUND11_BASE,
+        "prefix": ROUND11_BASE,
+        "levers": ROUND11_LEVERS,
+        "rates": RATES_NOW,
+        "recipes": ("minilm_topics", "vit_digits"),
+        "rule": "ablation",
+    },
 }
 
 
@@ -189,9 +236,10 @@ def lever_rows(tables: dict, recipes: list[str], base: str, levers=LEVERS, prefi
 
 def adopted(row: dict, rule: str = "gain") -> bool:
     """A lever measured on every recipe whose mean gain is above zero by more than its standard error; with
-    rule="no_loss" (a lever that saves time), one whose mean change is above minus its standard error."""
+    rule="no_loss" (a lever that saves time), one whose mean change is above minus its standard error; none with
+    rule="ablation"."""
     gain, se = row.get("mean_gain"), row.get("mean_gain_se", math.nan)
-    if gain is None or not math.isfinite(se):
+    if rule == "ablation" or gain is None or not math.isfinite(se):
         return False
     return gain > -se if rule == "no_loss" else gain > max(0.0, se)
 
@@ -202,8 +250,9 @@ def measure_round(number: int, recipes: list[str], output_dir: str) -> dict:
         metric: {r: read_runs(runs_path(output_dir, r), metric, spec["rates"].get(r)) for r in recipes}
         for metric in ("validation", "loss")
     }
-    rows = lever_rows(tables["validation"], recipes, spec["base"], spec["levers"], spec["prefix"])
-    loss_rows = lever_rows(tables["loss"], recipes, spec["base"], spec["levers"], spec["prefix"])
+    applies = [r for r in recipes if r in spec.get("recipes", recipes)]
+    rows = lever_rows(tables["validation"], applies, spec["base"], spec["levers"], spec["prefix"])
+    loss_rows = lever_rows(tables["loss"], applies, spec["base"], spec["levers"], spec["prefix"])
     rates = {r: spec["rates"].get(r) for r in recipes}
     adopt = [row["lever"] for row in rows if adopted(row, spec.get("rule", "gain"))]
     return {"default": spec["base"], "rates": rates, "rows": rows, "loss_rows": loss_rows, "adopt": adopt}
@@ -242,10 +291,10 @@ def rates_text(rates: dict) -> str:
     return ", ".join(f"{recipe} {rate:g}" for recipe, rate in rates.items())
 
 
-def round_section(measured: dict, recipes: list[str]) -> list[str]:
+def round_section(measured: dict, recipes: list[str], ablation: bool = False) -> list[str]:
     return [
         "",
-        f"**Adopted: {', '.join(measured['adopt']) or 'none'}.**",
+        "**An ablation: nothing to adopt.**" if ablation else f"**Adopted: {', '.join(measured['adopt']) or 'none'}.**",
         "",
         *table(measured["rows"], recipes, 4),
         "",
@@ -337,6 +386,58 @@ def write(result: dict, output_dir: str) -> None:
         "error. Regenerate with "
         "`python benchmarks/transfer_training.py --round 6`.",
         *round_section(result["round6"], recipes),
+        "## Round 7: pointwise convs on image streams",
+        "",
+        f"The recipes' default (`{result['round7']['default']}`) against the same with 1 x 1 convs inserted on "
+        "image streams (`kernel=1`) instead of 3 x 3 ones: a neuron on C channels costs C + 1 parameters instead of "
+        "9 C + 1, so at the same budget EfficientNet's positions get 9x the neurons (at its r=1 budget 3-6 each with "
+        "3 x 3 kernels, and the seed that got 11 in all ended at 0.50). The transformers have no image stream: their "
+        f"runs are the default's, run again. At {rates_text(result['round7']['rates'])}. Regenerate with "
+        "`python benchmarks/transfer_training.py --round 7`.",
+        *round_section(result["round7"], recipes),
+        "## Round 8: attention outputs compete",
+        "",
+        f"The recipes' default (`{result['round8']['default']}`) against the same with every block's attention "
+        "sublayer output a candidate beside the block outputs (`attention`: TopoAdapterConfig.positions names them). "
+        "On the transformers the default takes 3 of the 4 (ViT) or 6 (MiniLM) block outputs, so which ones it takes "
+        "can matter little. MiniLM's attention sublayer (BertAttention) ends with its residual sum and LayerNorm, a "
+        "point of the stream like a block output; the ViT's ends before its residual sum, a branch. EfficientNet's "
+        f"blocks have no attention: not run there. At {rates_text(result['round8']['rates'])}. Regenerate with "
+        "`python benchmarks/transfer_training.py --round 8`.",
+        *round_section(result["round8"], recipes),
+        "## Round 9: what the eigen direction of the inserted rows is worth",
+        "",
+        f"The recipes' default (`{result['round9']['default']}`) against the same with each inserted row of D trained "
+        "as a magnitude times a direction whose entries are of size A (`direction=A`, weight normalisation, "
+        "recipes/anchored.py). The rows start at a tenth of the line-searched step, entries of about 1e-3, and Adam's "
+        "steps are about the learning rate per entry, so in the default the rows soon turn away from their initial "
+        "direction (a mean cosine at the end of 0.27 on EfficientNet, 0.48 on MiniLM, 0.62 on the ViT, while their "
+        "component along it grows 7-13x: `direction_drift.md`); anchored, Adam turns it by about lr / A per step. "
+        "An ablation: if holding the eigen direction loses, the layers need more than their initial rows, and what the "
+        "initialisation fixes for good is their positions and output directions U. At "
+        f"{rates_text(result['round9']['rates'])}. "
+        "Regenerate with `python benchmarks/transfer_training.py --round 9`.",
+        *round_section(result["round9"], recipes),
+        "## Round 10: the head's own rate",
+        "",
+        f"The recipes' default (`{result['round10']['default']}`) with its head at R times the topo rate and the "
+        "layers at the topo rate (`head_rate=R`). In the default the head trains at the topo rate, on EfficientNet "
+        "0.003 where LoRA's head trains at 0.01 and head-only at 0.1, and EfficientNet's weakest topo run ended "
+        "below head-only (0.498 against 0.589, its training loss still 1.6 after 10 epochs). Round 1's `head_lr` (the "
+        f"head-only rate) lost on EfficientNet and the ViT. At {rates_text(result['round10']['rates'])}. Regenerate "
+        "with `python benchmarks/transfer_training.py --round 10`.",
+        *round_section(result["round10"], recipes),
+        "## Round 11: does the ranking matter where it has room?",
+        "",
+        f"The recipes' default (`{result['round11']['default']}`) with its layers at positions drawn at random "
+        "(`random_positions`, topo_random_positions' rule, the same draw per seed) among the block outputs, and with "
+        "the attention outputs competing too (`attention`), ranked by the TD or drawn at random "
+        "(`attention+random_positions`). Among the block outputs alone the default takes 3 of 4 (ViT) or 6 (MiniLM) "
+        "and random positions did as well (transfer_frontier.md); with the attention outputs there are 8 or 12 "
+        "candidates. EfficientNet, where the TD takes 3 of 16 and random positions lost 7 points "
+        f"(transfer_frontier.md), is not run. At {rates_text(result['round11']['rates'])}. Regenerate with "
+        "`python benchmarks/transfer_training.py --round 11`.",
+        *round_section(result["round11"], recipes, ablation=True),
     ]
     with open(os.path.join(output_dir, "transfer_training.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -347,7 +448,7 @@ def write(result: dict, output_dir: str) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, help="default: the round's (ROUNDS), else all")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: ViT 10, MiniLM 5, EfficientNet 5")
     parser.add_argument("--levers", nargs="+", help="default: the round's levers (ROUNDS)")
     parser.add_argument("--threads", type=int, default=1)
@@ -366,7 +467,7 @@ def main(argv=None) -> dict:
         spec = ROUNDS[args.round]
         levers = args.levers or list(spec["levers"])
         methods = ["lora", spec["base"], *(with_lever(lever, spec["prefix"]) for lever in levers)]
-        for recipe in args.recipes:
+        for recipe in args.recipes or spec.get("recipes", RECIPES):
             run_recipe(recipe, methods, args.seeds or SEEDS[recipe], args)
     return report(list(RECIPES), args.output_dir)
 

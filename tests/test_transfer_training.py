@@ -148,3 +148,22 @@ def test_round_five_measures_a_tenth_of_the_step_on_growth():
     (lever,) = spec["levers"]
     method = tt.with_lever(lever, spec["prefix"])
     assert grown_variant(method) == {**GROWN["topo_grown"], "step_scale": 0.1}
+
+
+def test_rounds_seven_to_eleven_measure_on_todays_default_and_only_where_their_lever_applies(tmp_path):
+    """Rounds 7-11 measure against today's `topo`; a round with its own recipes (attention outputs exist only in the
+    transformers) averages over those alone, and an ablation round adopts nothing whatever its gain."""
+    from recipes.methods import TOPO_VARIANTS, lever_method
+
+    for number in range(7, 12):
+        assert lever_method(tt.ROUNDS[number]["base"]) == TOPO_VARIANTS["topo"], number
+    assert tt.ROUNDS[8]["recipes"] == tt.ROUNDS[11]["recipes"] == ("minilm_topics", "vit_digits")
+    base, attention = tt.ROUNDS[8]["base"], tt.with_lever("attention", tt.ROUNDS[8]["prefix"])
+    for recipe in tt.RECIPES:
+        write_runs(tmp_path, recipe, {base: [0.5, 0.6, 0.7], attention: [0.6, 0.7, 0.8]})
+    eighth = tt.measure_round(8, list(tt.RECIPES), str(tmp_path))
+    row = {row["lever"]: row for row in eighth["rows"]}["attention"]
+    assert set(row["recipes"]) == {"minilm_topics", "vit_digits"} and row["mean_gain"] == pytest.approx(0.1)
+    assert eighth["adopt"] == ["attention"]
+    assert tt.measure_round(11, list(tt.RECIPES), str(tmp_path))["adopt"] == []
+    assert not tt.adopted({"mean_gain": 0.1, "mean_gain_se": 0.01}, "ablation")
