@@ -151,8 +151,8 @@ def test_round_five_measures_a_tenth_of_the_step_on_growth():
 
 
 def test_rounds_from_seven_measure_on_todays_default_and_only_where_their_lever_applies(tmp_path):
-    """Rounds from 7 on measure against today's `topo`; a round with its own recipes (attention outputs exist only in the
-    transformers) averages over those alone, and an ablation round adopts nothing whatever its gain."""
+    """Rounds from 7 on measure against today's `topo`; a round with its own recipes (attention outputs exist only in
+    the transformers) averages over those alone, and an ablation round adopts nothing whatever its gain."""
     from recipes.methods import TOPO_VARIANTS, lever_method
 
     for number in range(7, max(tt.ROUNDS) + 1):
