@@ -125,6 +125,12 @@ ROUND11_BASE = ROUND7_BASE
 # it on the default of its time (+0.3 ± 1.9 points averaged over the recipes).
 ROUND12_LEVERS = ("adapters=6",)
 ROUND12_BASE = ROUND7_BASE
+# Round 13: neurons by value per parameter (`budget`, TopoAdapterConfig.neuron_budget: positions and neurons where
+# the gain per trainable parameter is largest, within the budget). Measured only in the greedy selection, while the
+# embedding (stem) output still competed (transfer_levers.md); on EfficientNet a 3 x 3 neuron's cost differs 20x
+# between positions.
+ROUND13_LEVERS = ("budget",)
+ROUND13_BASE = ROUND7_BASE
 # The topo rate each round ran at, per recipe (the recipes' rate of the time): a run at another rate is not the round's.
 RATES_THEN = {"minilm_topics": 1e-2, "effnet_mnist": 3e-3, "vit_digits": 3e-2}
 RATES_ROUND3 = {"minilm_topics": 1e-2, "effnet_mnist": 1e-2, "vit_digits": 1e-2}
@@ -158,6 +164,7 @@ ROUNDS = {
         "rule": "ablation",
     },
     12: {"base": ROUND12_BASE, "prefix": ROUND12_BASE, "levers": ROUND12_LEVERS, "rates": RATES_NOW},
+    13: {"base": ROUND13_BASE, "prefix": ROUND13_BASE, "levers": ROUND13_LEVERS, "rates": RATES_NOW},
 }
 
 
@@ -456,6 +463,16 @@ def write(result: dict, output_dir: str) -> None:
         f"At {rates_text(result['round12']['rates'])}. Regenerate with "
         "`python benchmarks/transfer_training.py --round 12`.",
         *round_section(result["round12"], recipes),
+        "## Round 13: neurons by value per parameter",
+        "",
+        f"The recipes' default (`{result['round13']['default']}`) with its positions and neurons chosen by the gain "
+        "per trainable parameter within the budget (`budget`, TopoAdapterConfig.neuron_budget), measured before only "
+        "in the greedy selection while the embedding (stem) output still competed (transfer_levers.md). On "
+        "EfficientNet a 3 x 3 neuron's cost differs 20x between positions; there the plan took cheap early positions "
+        "(at most 16 neurons each) and left 13-18% of the budget unspent. "
+        f"At {rates_text(result['round13']['rates'])}. Regenerate with "
+        "`python benchmarks/transfer_training.py --round 13`.",
+        *round_section(result["round13"], recipes),
     ]
     with open(os.path.join(output_dir, "transfer_training.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
