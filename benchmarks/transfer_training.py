@@ -468,8 +468,8 @@ def write(result: dict, output_dir: str) -> None:
         f"The recipes' default (`{result['round13']['default']}`) with its positions and neurons chosen by the gain "
         "per trainable parameter within the budget (`budget`, TopoAdapterConfig.neuron_budget), measured before only "
         "in the greedy selection while the embedding (stem) output still competed (transfer_levers.md). On "
-        "EfficientNet a 3 x 3 neuron's cost differs 20x between positions; there the plan took cheap early positions "
-        "(at most 16 neurons each) and left 13-18% of the budget unspent. "
+        "EfficientNet a 3 x 3 neuron's cost differs 20x between positions; there the plan took the three cheapest "
+        "positions, blocks 0-2, on every seed, and left 13-18% of the budget unspent. "
         f"At {rates_text(result['round13']['rates'])}. Regenerate with "
         "`python benchmarks/transfer_training.py --round 13`.",
         *round_section(result["round13"], recipes),
