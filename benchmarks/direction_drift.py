@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -29,11 +28,15 @@ for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from benchmarks.transfer_diagnostics import SMALLEST, load_done, recipe_task, run_key  # noqa: E402
-from recipes.budget import head_name, match_budget  # noqa: E402
-from recipes.cli import training_setup  # noqa: E402
-from recipes.data import few_shot_splits  # noqa: E402
-from recipes.experiment import calibration_batches  # noqa: E402
+from benchmarks.transfer_diagnostics import (  # noqa: E402
+    append_record,
+    fresh_model,
+    load_done,
+    quiet_setups,
+    run_key,
+    seed_data,
+)
+from recipes.budget import head_name  # noqa: E402
 from recipes.methods import build_method, lr_for  # noqa: E402
 from recipes.training import checkpoint_dir, fit, unwrap  # noqa: E402
 
@@ -80,15 +83,8 @@ class RowDrift(TrainerCallback):
 
 
 def run_seed(recipe, task, lrs, recipe_args, seed, setup) -> dict:
-    per_class = SMALLEST[recipe]
-    splits = task.preprocess(few_shot_splits(task.source, per_class, seed, None, recipe_args.test_per_class))
-    calibration = calibration_batches(splits["train"], task.collator, setup.batch_size, seed, "cpu")
-    steps = setup.epochs * math.ceil(len(splits["train"]) / setup.batch_size)
-    torch.manual_seed(seed)
-    model = task.model_factory()
-    budget = match_budget(
-        model, recipe_args.lora_rank, recipe_args.num_adapters, task.lora_targets, batch=calibration[0]
-    )
+    splits, calibration, steps = seed_data(recipe, task, recipe_args, seed, setup)
+    model, budget = fresh_model(task, recipe_args, seed, calibration)
     built = build_method(METHOD, model, calibration, budget, steps, seed, task.lora_targets)
     drift = RowDrift()
     lr = lr_for(METHOD, lrs)
@@ -129,9 +125,8 @@ def report(recipes: list[str], output_dir: str) -> dict:
         steps = min(len(r["drift"]) for r in records)
         cells, summary[recipe] = [], {}
         for step in (*STEPS_SHOWN, steps):
-            values = {k: statistics.fmean(at_step(r, step, k) for r in records) for k in ("cosine", "min_cosine")}
-            for key in ("norm_ratio", "along"):
-                values[key] = statistics.fmean(at_step(r, step, key) for r in records)
+            keys = ("cosine", "min_cosine", "norm_ratio", "along")
+            values = {k: statistics.fmean(at_step(r, step, k) for r in records) for k in keys}
             summary[recipe][step] = values
             cells.append(
                 f"{values['cosine']:.2f} (min {values['min_cosine']:.2f}; norm x{values['norm_ratio']:.1f}, "
@@ -187,23 +182,14 @@ def main(argv=None) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "direction_drift_runs.jsonl")
     if not args.report_only:
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
         torch.set_num_threads(args.threads)
         done = load_done(path)
-        for recipe in args.recipes:
-            task, lrs, recipe_args = recipe_task(recipe, args)
-            setup = training_setup(recipe_args)
-            setup.progress = False
+        for recipe, task, lrs, recipe_args, setup in quiet_setups(args.recipes, args):
             for seed in args.seeds:
                 if run_key(recipe, seed, METHOD) in done:
                     continue
                 record = run_seed(recipe, task, lrs, recipe_args, seed, setup)
-                with open(path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_record(path, record)
                 last = record["drift"][-1]
                 print(f"{recipe} seed {seed}: cosine {last['cosine']:.2f} after {last['step']} steps", flush=True)
     return report(args.recipes, args.output_dir)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -30,11 +29,15 @@ for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 import torch  # noqa: E402
 
-from benchmarks.transfer_diagnostics import SMALLEST, load_done, recipe_task, run_key  # noqa: E402
-from recipes.budget import head_name, match_budget  # noqa: E402
-from recipes.cli import training_setup  # noqa: E402
-from recipes.data import few_shot_splits  # noqa: E402
-from recipes.experiment import calibration_batches  # noqa: E402
+from benchmarks.transfer_diagnostics import (  # noqa: E402
+    append_record,
+    fresh_model,
+    load_done,
+    quiet_setups,
+    run_key,
+    seed_data,
+)
+from recipes.budget import head_name  # noqa: E402
 from recipes.methods import build_method, lr_for  # noqa: E402
 from recipes.training import checkpoint_dir, fit  # noqa: E402
 
@@ -58,18 +61,11 @@ def perturb(model: torch.nn.Module, scale: float, seed: int) -> int:
 
 def run_pair(recipe, task, lrs, recipe_args, seed, setup, method) -> dict:
     """The run as built and the run perturbed, from the same split and batches."""
-    per_class = SMALLEST[recipe]
-    splits = task.preprocess(few_shot_splits(task.source, per_class, seed, None, recipe_args.test_per_class))
-    calibration = calibration_batches(splits["train"], task.collator, setup.batch_size, seed, "cpu")
-    steps = setup.epochs * math.ceil(len(splits["train"]) / setup.batch_size)
+    splits, calibration, steps = seed_data(recipe, task, recipe_args, seed, setup)
     lr = lr_for(method, lrs)
     outcomes = {}
     for kind in ("as_built", "perturbed"):
-        torch.manual_seed(seed)
-        model = task.model_factory()
-        budget = match_budget(
-            model, recipe_args.lora_rank, recipe_args.num_adapters, task.lora_targets, batch=calibration[0]
-        )
+        model, budget = fresh_model(task, recipe_args, seed, calibration)
         built = build_method(method, model, calibration, budget, steps, seed, task.lora_targets)
         if kind == "perturbed":
             perturb(built.model, SCALE, seed)
@@ -138,24 +134,15 @@ def main(argv=None) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "run_sensitivity_runs.jsonl")
     if not args.report_only:
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
         torch.set_num_threads(args.threads)
         done = load_done(path)
-        for recipe in args.recipes:
-            task, lrs, recipe_args = recipe_task(recipe, args)
-            setup = training_setup(recipe_args)
-            setup.progress = False
+        for recipe, task, lrs, recipe_args, setup in quiet_setups(args.recipes, args):
             for seed in args.seeds:
                 for method in args.methods:
                     if run_key(recipe, seed, method) in done:
                         continue
                     record = run_pair(recipe, task, lrs, recipe_args, seed, setup, method)
-                    with open(path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    append_record(path, record)
                     a, b = record["as_built"], record["perturbed"]
                     print(f"{recipe} {method} seed {seed}: test {a['test']:.3f} -> {b['test']:.3f}", flush=True)
     return report(args.recipes, args.output_dir)

@@ -81,17 +81,49 @@ def scores_of(model, batches) -> list[dict]:
     return [{"name": s.name, "eigenvalue": s.eigenvalue} for s in hta.score_positions(model, batches)]
 
 
-def diagnose_seed(recipe, task, lrs, recipe_args, seed, setup, done, append) -> None:
-    per_class = SMALLEST[recipe]
-    splits = task.preprocess(few_shot_splits(task.source, per_class, seed, None, recipe_args.test_per_class))
+def quiet_setups(recipes, args, diagnostics: bool = False):
+    """Per recipe, without progress bars: (recipe, its Task, learning rates, arguments and training setup)."""
+    import datasets
+    import transformers
+
+    from recipes.cli import training_setup
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    for recipe in recipes:
+        task, lrs, recipe_args = recipe_task(recipe, args)
+        setup = training_setup(recipe_args)
+        setup.diagnostics, setup.progress = diagnostics, False
+        yield recipe, task, lrs, recipe_args, setup
+
+
+def seed_data(recipe, task, recipe_args, seed: int, setup):
+    """A seed's splits at the recipe's smallest size, its calibration batches and the run's optimizer steps."""
+    splits = task.preprocess(few_shot_splits(task.source, SMALLEST[recipe], seed, None, recipe_args.test_per_class))
     calibration = calibration_batches(splits["train"], task.collator, setup.batch_size, seed, "cpu")
-    steps = setup.epochs * math.ceil(len(splits["train"]) / setup.batch_size)
+    return splits, calibration, setup.epochs * math.ceil(len(splits["train"]) / setup.batch_size)
+
+
+def fresh_model(task, recipe_args, seed: int, calibration):
+    """The recipe's pretrained classifier, seeded as the recipes seed it, and its matched budget."""
+    torch.manual_seed(seed)
+    model = task.model_factory()
+    budget = match_budget(
+        model, recipe_args.lora_rank, recipe_args.num_adapters, task.lora_targets, batch=calibration[0]
+    )
+    return model, budget
+
+
+def append_record(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def diagnose_seed(recipe, task, lrs, recipe_args, seed, setup, done, append) -> None:
+    splits, calibration, steps = seed_data(recipe, task, recipe_args, seed, setup)
 
     def fresh():
-        torch.manual_seed(seed)
-        model = task.model_factory()
-        return model, match_budget(model, recipe_args.lora_rank, recipe_args.num_adapters, task.lora_targets,
-                                   batch=calibration[0])  # fmt: skip
+        return fresh_model(task, recipe_args, seed, calibration)
 
     def train(built, kind, lr, position=""):
         run_dir = checkpoint_dir(OUT, "diagnostics", recipe, kind, position, seed)
@@ -363,22 +395,11 @@ def main(argv=None) -> None:
 
     def append(record: dict) -> None:
         done[record["key"]] = record
-        with open(runs_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(runs_path, record)
 
     recipes = RECIPES if args.recipe == "all" else (args.recipe,)
     if not args.report_only:
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-        for recipe in recipes:
-            task, lrs, recipe_args = recipe_task(recipe, args)
-            from recipes.cli import training_setup
-
-            setup = training_setup(recipe_args)
-            setup.diagnostics, setup.progress = True, False
+        for recipe, task, lrs, recipe_args, setup in quiet_setups(recipes, args, diagnostics=True):
             for seed in args.seeds:
                 print(f"== {recipe} seed {seed}", flush=True)
                 diagnose_seed(recipe, task, lrs, recipe_args, seed, setup, done, append)

@@ -95,48 +95,41 @@ ROUND6_BASE = with_lever("step=0.1", ROUND2_BASE)
 # seed that got 11 in all ended at 0.50; `kernel=1` (a pointwise conv, as LoRA's B on the 1 x 1 projections) gives
 # 9x the neurons at the same budget. The transformers have no image stream: their runs are the default's.
 ROUND7_LEVERS = ("kernel=1",)
-ROUND7_BASE = with_lever("wide_matrix_free", ROUND6_BASE)
+ROUND7_BASE = with_lever("wide_matrix_free", ROUND6_BASE)  # today's `topo`: the base of rounds 7 on
 # Round 8: attention outputs compete with the block outputs. On the transformers the default chooses 3 of 4 (ViT) or 6
 # (MiniLM) block outputs, so the ranking has little room to matter (random positions did as well there), while on
 # EfficientNet, 3 of 16, TD positions beat random ones. EfficientNet's blocks have no attention: not run there.
 ROUND8_LEVERS = ("attention",)
-ROUND8_BASE = ROUND7_BASE
 # Round 9: what the eigen direction of D is worth. Adam's steps are about the learning rate per entry, and the inserted
 # rows start with entries of about 1e-3: on EfficientNet their mean cosine to the initial direction is 0.46 after 10
 # steps (direction_drift.md). `direction=A` trains D as magnitude times a direction with entries of size A
 # (recipes/anchored.py), which Adam turns by about lr / A per step. An ablation: if holding the direction loses, the
 # layers need more than their initial rows, and their value is in their positions and output directions.
 ROUND9_LEVERS = ("direction=1", "direction=0.1")
-ROUND9_BASE = ROUND7_BASE
 # Round 10: the head's rate. The head trains at the topo rate (EfficientNet 0.003, where LoRA's head trains at 0.01
 # and head-only at 0.1), and EfficientNet's weakest topo run ended below head-only (0.498 against 0.589, training loss
 # still 1.6 after 10 epochs): `head_rate=R` puts the head at R times the topo rate, the layers at the topo rate
 # (round 1's `head_lr`, the head-only rate, lost on EfficientNet and the ViT).
 ROUND10_LEVERS = ("head_rate=3", "head_rate=10")
-ROUND10_BASE = ROUND7_BASE
 # Round 11: does the ranking matter where it has room? Random positions among the block outputs did as well as the
 # TD's on the transformers (transfer_frontier.md), where the default takes 3 of 4 or 6; with the attention outputs
 # competing too there are 8 (ViT) or 12 (MiniLM) candidates. An ablation (rule "ablation": nothing to adopt).
 ROUND11_LEVERS = ("attention", "random_positions", "attention+random_positions")
-ROUND11_BASE = ROUND7_BASE
 # Round 12: the budget over 6 positions. EfficientNet's spread over seeds (7x LoRA's) comes from what each seed's
 # calibration examples make topo choose, not from chaotic training (run_sensitivity.md): with the budget over more
 # positions a seed depends less on any one choice. On the ViT's 4 block outputs it spreads over all 4. Round 1 measured
 # it on the default of its time (+0.3 ± 1.9 points averaged over the recipes).
 ROUND12_LEVERS = ("adapters=6",)
-ROUND12_BASE = ROUND7_BASE
 # Round 13: neurons by value per parameter (`budget`, TopoAdapterConfig.neuron_budget: positions and neurons where
 # the gain per trainable parameter is largest, within the budget). Measured only in the greedy selection, while the
 # embedding (stem) output still competed (transfer_levers.md); on EfficientNet a 3 x 3 neuron's cost differs 20x
 # between positions.
 ROUND13_LEVERS = ("budget",)
-ROUND13_BASE = ROUND7_BASE
 # Round 14: the head warm-up before scoring on today's default. Round 2 measured it with the full step (-1.5 ± 2.4
 # points, EfficientNet -6.2 ± 6.7); with a tenth of the step the layers no longer fit the calibration examples through
 # the head before training, and on EfficientNet the head trains slowly at the topo rate (round 10), which a warmed-up
 # head starts past.
 ROUND14_LEVERS = ("warmup",)
-ROUND14_BASE = ROUND7_BASE
 # The topo rate each round ran at, per recipe (the recipes' rate of the time): a run at another rate is not the round's.
 RATES_THEN = {"minilm_topics": 1e-2, "effnet_mnist": 3e-3, "vit_digits": 3e-2}
 RATES_ROUND3 = {"minilm_topics": 1e-2, "effnet_mnist": 1e-2, "vit_digits": 1e-2}
@@ -144,6 +137,14 @@ RATES_NOW = {"minilm_topics": 1e-2, "effnet_mnist": 3e-3, "vit_digits": 1e-2}
 # "base": the reference runs; "prefix": what the levers are added to. Round 2's reference is the same configuration as
 # round 1's `no_embeddings` row under another name, run again with round 2's code: on EfficientNet the older runs give
 # other neuron counts on 2 of 3 seeds checked (they predate a change on its wide positions; the ViT's are identical).
+TRANSFORMERS = ("minilm_topics", "vit_digits")
+
+
+def on_today(levers: tuple[str, ...], **extra) -> dict:
+    """A round of `levers` each added alone to today's `topo`, at the recipes' current rates."""
+    return {"base": ROUND7_BASE, "prefix": ROUND7_BASE, "levers": levers, "rates": RATES_NOW, **extra}
+
+
 ROUNDS = {
     1: {"base": default_method(), "prefix": default_method(), "levers": LEVERS, "rates": RATES_THEN},
     2: {"base": "topo+no_embeddings+optimized", "prefix": ROUND2_BASE, "levers": ROUND2_LEVERS, "rates": RATES_THEN},
@@ -151,27 +152,14 @@ ROUNDS = {
     4: {"base": ROUND4_BASE, "prefix": ROUND2_BASE, "levers": ROUND4_LEVERS, "rates": RATES_NOW},
     5: {"base": "topo_grown", "prefix": "topo_grown", "levers": ROUND5_LEVERS, "rates": RATES_NOW},
     6: {"base": ROUND6_BASE, "prefix": ROUND6_BASE, "levers": ROUND6_LEVERS, "rates": RATES_NOW, "rule": "no_loss"},
-    7: {"base": ROUND7_BASE, "prefix": ROUND7_BASE, "levers": ROUND7_LEVERS, "rates": RATES_NOW},
-    8: {
-        "base": ROUND8_BASE,
-        "prefix": ROUND8_BASE,
-        "levers": ROUND8_LEVERS,
-        "rates": RATES_NOW,
-        "recipes": ("minilm_topics", "vit_digits"),  # the recipes the lever changes, and over which it is averaged
-    },
-    9: {"base": ROUND9_BASE, "prefix": ROUND9_BASE, "levers": ROUND9_LEVERS, "rates": RATES_NOW},
-    10: {"base": ROUND10_BASE, "prefix": ROUND10_BASE, "levers": ROUND10_LEVERS, "rates": RATES_NOW},
-    11: {
-        "base": ROUND11_BASE,
-        "prefix": ROUND11_BASE,
-        "levers": ROUND11_LEVERS,
-        "rates": RATES_NOW,
-        "recipes": ("minilm_topics", "vit_digits"),
-        "rule": "ablation",
-    },
-    12: {"base": ROUND12_BASE, "prefix": ROUND12_BASE, "levers": ROUND12_LEVERS, "rates": RATES_NOW},
-    13: {"base": ROUND13_BASE, "prefix": ROUND13_BASE, "levers": ROUND13_LEVERS, "rates": RATES_NOW},
-    14: {"base": ROUND14_BASE, "prefix": ROUND14_BASE, "levers": ROUND14_LEVERS, "rates": RATES_NOW},
+    7: on_today(ROUND7_LEVERS),
+    8: on_today(ROUND8_LEVERS, recipes=TRANSFORMERS),  # where the lever changes anything, and averaged over those
+    9: on_today(ROUND9_LEVERS),
+    10: on_today(ROUND10_LEVERS),
+    11: on_today(ROUND11_LEVERS, recipes=TRANSFORMERS, rule="ablation"),
+    12: on_today(ROUND12_LEVERS),
+    13: on_today(ROUND13_LEVERS),
+    14: on_today(ROUND14_LEVERS),
 }
 
 
@@ -275,8 +263,9 @@ def measure_round(number: int, recipes: list[str], output_dir: str) -> dict:
     rows = lever_rows(tables["validation"], applies, spec["base"], spec["levers"], spec["prefix"])
     loss_rows = lever_rows(tables["loss"], applies, spec["base"], spec["levers"], spec["prefix"])
     rates = {r: spec["rates"].get(r) for r in recipes}
-    adopt = [row["lever"] for row in rows if adopted(row, spec.get("rule", "gain"))]
-    return {"default": spec["base"], "rates": rates, "rows": rows, "loss_rows": loss_rows, "adopt": adopt}
+    rule = spec.get("rule", "gain")
+    adopt = [row["lever"] for row in rows if adopted(row, rule)]
+    return {"default": spec["base"], "rates": rates, "rows": rows, "loss_rows": loss_rows, "adopt": adopt, "rule": rule}
 
 
 def report(recipes: list[str], output_dir: str) -> dict:
@@ -312,10 +301,11 @@ def rates_text(rates: dict) -> str:
     return ", ".join(f"{recipe} {rate:g}" for recipe, rate in rates.items())
 
 
-def round_section(measured: dict, recipes: list[str], ablation: bool = False) -> list[str]:
+def round_section(measured: dict, recipes: list[str]) -> list[str]:
+    adopted_line = f"**Adopted: {', '.join(measured['adopt']) or 'none'}.**"
     return [
         "",
-        "**An ablation: nothing to adopt.**" if ablation else f"**Adopted: {', '.join(measured['adopt']) or 'none'}.**",
+        "**An ablation: nothing to adopt.**" if measured.get("rule") == "ablation" else adopted_line,
         "",
         *table(measured["rows"], recipes, 4),
         "",
@@ -459,7 +449,7 @@ def write(result: dict, output_dir: str) -> None:
         "validation accuracy (transfer_frontier.md), is not run. "
         f"At {rates_text(result['round11']['rates'])}. Regenerate with "
         "`python benchmarks/transfer_training.py --round 11`.",
-        *round_section(result["round11"], recipes, ablation=True),
+        *round_section(result["round11"], recipes),
         "## Round 12: the budget over 6 positions",
         "",
         f"The recipes' default (`{result['round12']['default']}`) with its budget spread over 6 positions instead of 3 "
