@@ -156,6 +156,17 @@ class ScoringConfig:
         default=8,
         metadata={"help": "Steps per sign (the last one predicts a decrease ~16x the loss, far past the model)."},
     )
+    step_decrease: float | None = field(
+        default=None,
+        metadata={
+            "help": "Skip the line search: the layer takes the step whose second-order predicted decrease, "
+            "(eps^2 / 2) * gain, is this fraction of the calibration loss, in the sign whose loss is lower (two "
+            "forward passes), kept unless it raises the loss; step_scale does not apply. The step then depends on "
+            "the gain alone, not on where a bumpy loss curve has its lowest grid point. None: the line search, "
+            "which did better on the recipes' validation (benchmarks/results/transfer_training.md, round 16: "
+            "-1.9 points at 0.01 and -2.5 at 0.001, MiniLM -7 and -5)."
+        },
+    )
     rank_by: str = field(
         default="eigenvalue",
         metadata={
@@ -268,6 +279,10 @@ class ScoringConfig:
         for name in ("line_search_start", "line_search_growth"):
             setattr(self, name, check_real(name, getattr(self, name)))
         self.line_search_steps = check_whole("line_search_steps", self.line_search_steps, 1)
+        if self.step_decrease is not None:
+            self.step_decrease = check_real(
+                "step_decrease", self.step_decrease, 0.0, strict=True, why=" (None: the line search)"
+            )
         self.step_scale = check_real(
             "step_scale", self.step_scale, 0.0, strict=True, why=" (1: the line search's step)"
         )
@@ -411,6 +426,17 @@ class _TopoAdapterFields:
             "neurons each. None: num_adapters positions sized by the eps_s rule or `neurons`."
         },
     )
+    score_once: bool = field(
+        default=True,
+        metadata={
+            "help": "Score every position once and insert at the num_adapters best of that round (each layer still "
+            "stepped with the earlier ones in place), instead of scoring again after every insertion (the paper's "
+            "greedy rule, False): num_adapters times fewer captures and eigen-solves. The later layers' directions "
+            "come from adjoints taken before the earlier layers were inserted, which a step_scale below 1 barely "
+            "changes; the positions no longer depend on where the earlier line searches ended. On by default: it "
+            "gained on validation over the recipes (benchmarks/results/transfer_training.md, round 15)."
+        },
+    )
     topo_version: str = field(default="", metadata={"help": "hf_topoadapt version that wrote this config."})
 
 
@@ -440,6 +466,8 @@ class TopoAdapterConfig(PeftConfig, _TopoAdapterFields, ScoringConfig):
         self.calibration_batches = check_whole(
             "calibration_batches", self.calibration_batches, 1, optional=True, why=" (None: all batches)"
         )
+        if not isinstance(self.score_once, bool):
+            raise ValueError(f"score_once must be True or False, got {self.score_once!r}")
         self.head_warmup_steps = check_whole("head_warmup_steps", self.head_warmup_steps, 0, why=" (0: no warm-up)")
         self.head_warmup_lr = check_real("head_warmup_lr", self.head_warmup_lr, 0.0, strict=True)
         self.neuron_budget = check_whole(

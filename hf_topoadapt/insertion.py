@@ -17,7 +17,7 @@ from .layers import TopoAdapter, attach, attached, factory_kwargs
 from .locate import PositionsNotFoundError, find_block_list
 from .scoring import PositionScore, ScoringRound, score_round, scoring_mode
 from .sensitivity.directions import Directions, coordinate_directions, optimized_directions
-from .sensitivity.line_search import LineSearchResult, line_search
+from .sensitivity.line_search import LineSearchResult, fixed_step, line_search
 from .sensitivity.objective import LossFn, materialize, mean_loss
 from .sensitivity.replay import PrefixReplay
 
@@ -136,14 +136,18 @@ def insert_layer(
         with scoring_mode(model, config.eval_mode):
             prefix = prefix_modules(model, tap, config)
             trials = TrialLosses(model, batches, loss_fn, tap, adapter, directions, prefix)
-            # Step k = 0: the one whose predicted decrease is line_search_start of the loss.
-            start = (2.0 * config.line_search_start * max(abs(base_loss), 1e-12) / directions.value) ** 0.5
-            first = FIRST_STEP if first_step is None else first_step
-            result = line_search(
-                trials, base_loss, start, config.line_search_growth, config.line_search_steps, patience=1, first=first
-            )
-            if result.accepted and config.step_scale != 1.0:
-                result = _scaled_step(result, trials, config.step_scale)
+            if config.step_decrease is not None:
+                result = fixed_step(trials, base_loss, predicted_step(config.step_decrease, base_loss, directions))
+            else:
+                # Step k = 0: the one whose predicted decrease is line_search_start of the loss.
+                start = predicted_step(config.line_search_start, base_loss, directions)
+                first = FIRST_STEP if first_step is None else first_step
+                result = line_search(
+                    trials, base_loss, start, config.line_search_growth, config.line_search_steps, patience=1,
+                    first=first,
+                )  # fmt: skip
+                if result.accepted and config.step_scale != 1.0:
+                    result = _scaled_step(result, trials, config.step_scale)
         record.loss_before, record.line_search = base_loss, result.trials
         record.line_search_step = result.step
         record.replayed = trials.replayed
@@ -163,6 +167,11 @@ def insert_layer(
     record.measured_decrease = base_loss - result.loss
     record.adapter = adapter
     return record
+
+
+def predicted_step(fraction: float, loss: float, directions: Directions) -> float:
+    """The eps whose second-order predicted decrease, (eps^2 / 2) * value, is `fraction` of the loss."""
+    return (2.0 * fraction * max(abs(loss), 1e-12) / directions.value) ** 0.5
 
 
 def _scaled_step(result: LineSearchResult, trials: TrialLosses, scale: float) -> LineSearchResult:

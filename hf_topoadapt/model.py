@@ -8,6 +8,7 @@ push_to_hub, disable_adapter, print_trainable_parameters, modules_to_save) comes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -26,7 +27,7 @@ from .insertion import InsertionRecord, insert_layer
 from .layers import ADAPTER_ATTRIBUTE, TopoAdapter, attach, detach, factory_kwargs
 from .locate import Position, config_positions
 from .report import TopoReport
-from .scoring import score_round
+from .scoring import ScoringRound, score_round
 from .sensitivity.capture import transform_stream
 from .sensitivity.features import layout_of
 from .sensitivity.objective import LossFn, batch_loss, materialize, mean_loss
@@ -227,11 +228,48 @@ def _budgeted_insertions(model, batches, config, loss_fn, candidates: list[Posit
     records, first_step = [], None
     for i, (name, neurons) in enumerate(plan):
         scoring = config.scoring_config(positions=[name] if i else scoring.positions, neurons=neurons)
-        # the first round's scores serve the first insertion (the neuron rule is applied when it is planned)
-        reuse = None if i else first
+        # the first round's scores serve the first insertion (the neuron rule is applied when it is planned), and
+        # every insertion with score_once
+        reuse = first if not i else (_reused(first, records) if config.score_once else None)
         record = insert_layer(model, batches, scoring, loss_fn, name, first_step=first_step, scored=reuse)
         records.append(record)
         first_step = record.line_search_step if record.accepted else first_step
+    return records
+
+
+def _reused(scored: ScoringRound, records: list[InsertionRecord]) -> ScoringRound:
+    """An earlier scoring round serving a later insertion: J is the loss after the layers inserted since (what the
+    line search must beat), and the round's time is not counted again."""
+    accepted = [r for r in records if r.accepted]
+    loss = accepted[-1].loss_after if accepted else scored.loss
+    return dataclasses.replace(scored, loss=loss, seconds={phase: 0.0 for phase in scored.seconds})
+
+
+def _score_once_insertions(model, batches, config, loss_fn, candidates: list[Position]) -> list[InsertionRecord]:
+    """The num_adapters best positions of one scoring round, best first, each line-searched with the earlier layers
+    in place. A later position whose layer from that round no step improves is scored again on the current model
+    (its directions may have gone stale with the layers inserted since), and passed over if that fails too."""
+    scoring = config.scoring_config(positions=[p.name for p in candidates])
+    first = score_round(model, batches, scoring, loss_fn)
+    records: list[InsertionRecord] = []
+    first_step = None
+    for score in sorted(first.scores, key=lambda s: -s.ranking_value):
+        if sum(r.accepted for r in records) >= config.num_adapters:
+            break
+        if score.ranking_value <= max(config.threshold, 0.0):
+            if not records:  # the record says why nothing was inserted
+                records.append(insert_layer(model, batches, scoring, loss_fn, score.name, scored=first))
+            break  # the best remaining position cannot lower the loss, so none can
+        reuse = _reused(first, records) if records else first
+        record = insert_layer(model, batches, scoring, loss_fn, score.name, first_step=first_step, scored=reuse)
+        if not record.accepted and any(r.accepted for r in records):
+            record.reason += ", from the first scoring round's directions; scored again on the current model next"
+            records.append(record)
+            alone = config.scoring_config(positions=[score.name])
+            record = insert_layer(model, batches, alone, loss_fn, score.name, first_step=first_step)
+        records.append(record)
+        if record.accepted:
+            first_step = record.line_search_step
     return records
 
 
@@ -239,6 +277,8 @@ def _greedy_insertions(model, batches, config, loss_fn, candidates: list[Positio
     """Insert at the best remaining position, k times, each one line-searched with the earlier ones in place."""
     if config.neuron_budget is not None:
         return _budgeted_insertions(model, batches, config, loss_fn, candidates)
+    if config.score_once:
+        return _score_once_insertions(model, batches, config, loss_fn, candidates)
     records: list[InsertionRecord] = []
     remaining = [p.name for p in candidates]
     first_step = None  # the line search starts where the previous one ended: step sizes vary little between layers

@@ -286,6 +286,17 @@ def test_adapt_lets_the_embedding_output_compete_only_when_asked(tiny_bert, tmp_
     assert scored[True][0] is True and "embeddings" in scored[True][1]
 
 
+def test_adapt_scores_once_unless_greedy(tiny_bert, tmp_path, capsys):
+    """--greedy scores every position again after each insertion (the paper's rule); by default every layer comes from
+    one scoring round. The saved config records which."""
+    for flag in ([], ["--greedy"]):
+        out_dir = tmp_path / f"greedy{bool(flag)}"
+        assert main(["adapt", "--model", tiny_bert, "--num-adapters", "2", "--output-dir", str(out_dir), *flag]) == 0
+        saved = json.loads((out_dir / "adapter_config.json").read_text())
+        assert saved["score_once"] is not bool(flag) and saved["target_modules"]
+    capsys.readouterr()
+
+
 def test_adapt_takes_the_step_scale_and_refuses_a_fraction_outside_zero_to_one(tiny_bert, tmp_path, capsys):
     """--step-scale sets the fraction of the line-searched step (the adapters' default, 0.1, when absent; 1 is the
     paper's): the saved config and the report's eps record it; a value outside (0, 1] is a usage error."""

@@ -119,7 +119,9 @@ def test_a_bf16_model_with_a_scaled_step_trains_with_its_own_adapter_rate_in_bf1
     )  # fmt: skip
     model = hta.get_topo_model(base.to(torch.bfloat16), config, calibration_data=batches)
     insertions = [i for i in model.topo_report.insertions if i["accepted"]]
-    assert insertions and all(i["loss_after"] < i["loss_before"] for i in insertions)
+    # none raised the loss and together they lowered it (a small decrease can round away in bf16: an equal loss is kept)
+    assert insertions and all(i["loss_after"] <= i["loss_before"] for i in insertions)
+    assert insertions[-1]["loss_after"] < insertions[0]["loss_before"]
     rows = [{k: v[i] for k, v in batch.items()} for batch in batches for i in range(len(batch["labels"]))]
     optimizer = create_topo_optimizer(model, lr=2e-2, adapter_lr_ratio=0.5)
     args = TrainingArguments(

@@ -425,6 +425,12 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         help="the layers take this fraction of the line-searched step: 1 is the paper's; the default, chosen on "
         "validation, leaves the fit of the calibration examples to training (default: %(default)s)",
     )
+    group.add_argument(
+        "--greedy",
+        action="store_true",
+        help="score every position again after each insertion, as in the paper (default: off, all layers from one "
+        "scoring round: num-adapters times fewer scoring passes, chosen on validation)",
+    )
     group.add_argument("--solver", choices=SOLVERS, default="auto", help="eigen-solver (default: %(default)s)")
     parser.add_argument(
         "--output-dir",
@@ -461,6 +467,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         directions=args.directions,
         include_embeddings=args.include_embeddings,
         step_scale=args.step_scale,
+        score_once=not args.greedy,
         solver=args.solver,
         block_path=args.block_path,
         seed=args.seed,

@@ -77,3 +77,17 @@ def line_search(
         trials,
         best_step if accepted else None,
     )
+
+
+def fixed_step(loss_at: Callable[[float], float], base_loss: float, eps: float) -> LineSearchResult:
+    """One step of size `eps` in both signs instead of a search: the sign with the lower loss (the third-order
+    terms differ), kept when its loss is not above the base loss (a small decrease can round away in bf16)."""
+    if not eps > 0:
+        raise ValueError(f"the step must be > 0, got {eps}")
+    trials = [(eps, loss_at(eps)), (-eps, loss_at(-eps))]
+    best_eps, best_loss = min(trials, key=lambda trial: trial[1])
+    accepted = best_loss <= base_loss
+    return LineSearchResult(
+        best_eps if accepted else 0.0, best_loss if accepted else base_loss, base_loss, accepted, trials,
+        0 if accepted else None,
+    )  # fmt: skip
