@@ -46,6 +46,9 @@ LEVERS: dict[str, dict] = {
     # the layers at positions drawn at random among the candidates (topo_random_positions' rule): with `attention` on
     # the transformers, whether the ranking matters where it has room to
     "random_positions": {"positions": "random"},
+    # every layer from one scoring round (TopoAdapterConfig.score_once) instead of a round per insertion: with a tenth
+    # of the step an insertion barely changes the model the next round scores, and the rounds are most of the setup
+    "score_once": {"score_once": True},
 }
 # Levers with a value, written `name=value` in a method name (`topo+optimized+step=0.5`): the fraction of the
 # line-searched step the inserted layers take, and the adapters' learning rate as a multiple of the method's (the head
@@ -56,18 +59,21 @@ LEVERS: dict[str, dict] = {
 # neuron on C channels costs 9 C + 1 parameters, so at EfficientNet's r=1 budget a position gets 3-6 of them.
 # `direction=A`: the inserted rows of D trained as magnitude times a direction whose entries are of size A, which Adam
 # turns by about lr / A per step (recipes/anchored.py): an ablation of what the eigen direction of D is worth.
+# `decrease=F`: no line search; the step whose second-order predicted decrease is F of the calibration loss
+# (TopoAdapterConfig.step_decrease), which depends on the gain alone, not on a bumpy loss curve's lowest grid point.
 # `head_rate=R`: the head at R times the method's rate, the topo layers at the method's (`head_lr` puts the head at
 # the recipe's head-only rate, up to 33x the topo rate, too fast beside layers that change its inputs).
 VALUE_LEVERS: dict[str, str] = {
-    "step": "step_scale", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters", "optimize_tol": "optimize_tol",
+    "step": "step_scale", "decrease": "step_decrease", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters",
+    "optimize_tol": "optimize_tol",
     "kernel": "kernel_size", "direction": "direction_scale", "head_rate": "head_lr_ratio",
 }  # fmt: skip
 WHOLE_LEVERS = ("num_adapters", "kernel_size")
 # The default combination, chosen on validation: optimized by the greedy selection (benchmarks/results/
 # transfer_levers.md), no_embeddings and then a tenth of the line-searched step added to it by the one-lever-at-a-time
-# measurement (transfer_training.md, rounds 1 and 4), and the ascent matrix-free on wide positions, which saves time
-# at no cost in accuracy (round 6).
-DEFAULT_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized", "step=0.1", "wide_matrix_free")
+# measurement (transfer_training.md, rounds 1 and 4), the ascent matrix-free on wide positions, which saves time at no
+# cost in accuracy (round 6), and every layer from one scoring round, which saves time and gained (round 15).
+DEFAULT_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized", "step=0.1", "wide_matrix_free", "score_once")
 # Growth keeps the paper's full step: a grown layer's step is taken on the trained model, and a tenth lost there on
 # validation (transfer_training.md, round 5); build_topo_grown hands it to GrowthConfig.step_scale. It also keeps the
 # dense ascent its runs were made with (round 6 measured the matrix-free one on one-shot adapters).
@@ -75,6 +81,7 @@ GROWN_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized")
 # The ablation that switches a default lever off, where its name is not topo_no_<lever>.
 LEVER_OFF = {
     "no_embeddings": "topo_with_embeddings", "step=0.1": "topo_full_step", "wide_matrix_free": "topo_formed_matrix",
+    "score_once": "topo_greedy",
 }  # fmt: skip
 
 
@@ -88,7 +95,7 @@ def topo_options(levers) -> dict:
     are the chosen levers)."""
     options = {
         "include_head": False, "include_embeddings": True, "directions": "coordinate", "step_scale": 1.0,
-        "optimize_solver": "dense",
+        "optimize_solver": "dense", "score_once": False,
     }  # fmt: skip
     for lever in levers:
         name, _, value = lever.partition("=")

@@ -449,7 +449,7 @@ def test_value_levers_set_the_step_and_the_adapters_learning_rate(tokenizer, tmp
 
     assert topo_options(["optimized", "step=0.5", "adapter_lr=0.2"]) == {
         "include_head": False, "include_embeddings": True, "directions": "optimized", "step_scale": 0.5,
-        "optimize_solver": "dense", "adapter_lr_ratio": 0.2,
+        "optimize_solver": "dense", "score_once": False, "adapter_lr_ratio": 0.2,
     }  # fmt: skip
     with pytest.raises(ValueError, match="lever 'step=half' needs a number"):
         topo_options(["step=half"])
@@ -492,7 +492,7 @@ def test_up_and_adapters_levers_change_what_trains_within_the_budget(tokenizer):
 
     assert topo_options(["up", "adapters=2"]) == {
         "include_head": False, "include_embeddings": True, "directions": "coordinate", "step_scale": 1.0,
-        "optimize_solver": "dense", "train_up": True, "num_adapters": 2,
+        "optimize_solver": "dense", "score_once": False, "train_up": True, "num_adapters": 2,
     }  # fmt: skip
     for bad in ("adapters=1.5", "adapters=0"):
         with pytest.raises(ValueError, match=f"lever '{bad}' needs a whole number >= 1"):
@@ -566,7 +566,7 @@ def test_the_default_takes_a_tenth_of_the_step_and_its_ablation_and_growth_the_f
     assert "step=0.1" in DEFAULT_LEVERS and lever_off("step=0.1") == "topo_full_step"
     assert TOPO_VARIANTS["topo"]["step_scale"] == hta.TopoAdapterConfig().step_scale == 0.1
     assert TOPO_VARIANTS["topo_full_step"] == {**TOPO_VARIANTS["topo"], "step_scale": 1.0}
-    assert GROWN["topo_grown"] == {**TOPO_VARIANTS["topo_full_step"], "optimize_solver": "dense"}
+    assert GROWN["topo_grown"] == {**TOPO_VARIANTS["topo_full_step"], "optimize_solver": "dense", "score_once": False}
     assert TOPO_VARIANTS["topo_paper"]["step_scale"] == 1.0
 
 
