@@ -231,10 +231,23 @@ def _budgeted_insertions(model, batches, config, loss_fn, candidates: list[Posit
         # the first round's scores serve the first insertion (the neuron rule is applied when it is planned), and
         # every insertion with score_once
         reuse = first if not i else (_reused(first, records) if config.score_once else None)
-        record = insert_layer(model, batches, scoring, loss_fn, name, first_step=first_step, scored=reuse)
+        record = _insert_or_rescore(model, batches, scoring, loss_fn, name, first_step, reuse, records)
         records.append(record)
         first_step = record.line_search_step if record.accepted else first_step
     return records
+
+
+def _insert_or_rescore(model, batches, scoring, loss_fn, name, first_step, reuse, records) -> InsertionRecord:
+    """insert_layer at `name` from `reuse`, an earlier round; when that layer lowers no loss while earlier layers went
+    in since, the position is scored again on the current model (its directions may have gone stale). The failed
+    attempt goes to `records`."""
+    record = insert_layer(model, batches, scoring, loss_fn, name, first_step=first_step, scored=reuse)
+    if record.accepted or reuse is None or not any(r.accepted for r in records):
+        return record
+    record.reason += ", from the first scoring round's directions; scored again on the current model next"
+    records.append(record)
+    alone = dataclasses.replace(scoring, positions=[name])
+    return insert_layer(model, batches, alone, loss_fn, name, first_step=first_step)
 
 
 def _reused(scored: ScoringRound, records: list[InsertionRecord]) -> ScoringRound:
@@ -261,12 +274,7 @@ def _score_once_insertions(model, batches, config, loss_fn, candidates: list[Pos
                 records.append(insert_layer(model, batches, scoring, loss_fn, score.name, scored=first))
             break  # the best remaining position cannot lower the loss, so none can
         reuse = _reused(first, records) if records else first
-        record = insert_layer(model, batches, scoring, loss_fn, score.name, first_step=first_step, scored=reuse)
-        if not record.accepted and any(r.accepted for r in records):
-            record.reason += ", from the first scoring round's directions; scored again on the current model next"
-            records.append(record)
-            alone = config.scoring_config(positions=[score.name])
-            record = insert_layer(model, batches, alone, loss_fn, score.name, first_step=first_step)
+        record = _insert_or_rescore(model, batches, scoring, loss_fn, score.name, first_step, reuse, records)
         records.append(record)
         if record.accepted:
             first_step = record.line_search_step

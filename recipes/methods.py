@@ -59,16 +59,18 @@ LEVERS: dict[str, dict] = {
 # neuron on C channels costs 9 C + 1 parameters, so at EfficientNet's r=1 budget a position gets 3-6 of them.
 # `direction=A`: the inserted rows of D trained as magnitude times a direction whose entries are of size A, which Adam
 # turns by about lr / A per step (recipes/anchored.py): an ablation of what the eigen direction of D is worth.
+# `max_neurons=N`: at most N neurons a layer (TopoAdapterConfig.max_neurons, 16 by default), with `budget` the cap that
+# left 13-18% of EfficientNet's budget unspent on its cheap first blocks (round 13).
 # `decrease=F`: no line search; the step whose second-order predicted decrease is F of the calibration loss
 # (TopoAdapterConfig.step_decrease), which depends on the gain alone, not on a bumpy loss curve's lowest grid point.
 # `head_rate=R`: the head at R times the method's rate, the topo layers at the method's (`head_lr` puts the head at
 # the recipe's head-only rate, up to 33x the topo rate, too fast beside layers that change its inputs).
 VALUE_LEVERS: dict[str, str] = {
     "step": "step_scale", "decrease": "step_decrease", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters",
-    "optimize_tol": "optimize_tol",
+    "optimize_tol": "optimize_tol", "max_neurons": "max_neurons",
     "kernel": "kernel_size", "direction": "direction_scale", "head_rate": "head_lr_ratio",
 }  # fmt: skip
-WHOLE_LEVERS = ("num_adapters", "kernel_size")
+WHOLE_LEVERS = ("num_adapters", "kernel_size", "max_neurons")
 # The default combination, chosen on validation: optimized by the greedy selection (benchmarks/results/
 # transfer_levers.md), no_embeddings and then a tenth of the line-searched step added to it by the one-lever-at-a-time
 # measurement (transfer_training.md, rounds 1 and 4), the ascent matrix-free on wide positions, which saves time at no

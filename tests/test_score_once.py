@@ -73,13 +73,15 @@ def test_one_adapter_is_the_same_either_way(monkeypatch):
         assert torch.equal(a, b), name
 
 
-def test_a_layer_the_first_rounds_directions_fail_is_scored_again(monkeypatch):
+@pytest.mark.parametrize("neuron_budget", [None, 60])
+def test_a_layer_the_first_rounds_directions_fail_is_scored_again(monkeypatch, neuron_budget):
     """Stale directions: when a later layer from the first round lowers no loss (here the loss it must beat is made
-    unbeatable), that position is scored again on the current model, and both attempts are in the report."""
+    unbeatable), that position is scored again on the current model, and both attempts are in the report; with a
+    neuron budget too."""
     model, batches, loss_fn, _, _ = BUILDERS["hf_bert"]()
     rounds = counted_rounds(monkeypatch)
     monkeypatch.setattr(topo_model, "_reused", lambda scored, records: dataclasses.replace(scored, loss=-1e9))
-    config = hta.TopoAdapterConfig(num_adapters=2, line_search_steps=6)
+    config = hta.TopoAdapterConfig(num_adapters=2, line_search_steps=6, neuron_budget=neuron_budget)
     topo = hta.get_topo_model(model, config, calibration_data=batches)
     first, stale, again = topo.topo_report.insertions
     assert first["accepted"] and not stale["accepted"] and again["accepted"]
