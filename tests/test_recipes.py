@@ -566,7 +566,9 @@ def test_the_default_takes_a_tenth_of_the_step_and_its_ablation_and_growth_the_f
     assert "step=0.1" in DEFAULT_LEVERS and lever_off("step=0.1") == "topo_full_step"
     assert TOPO_VARIANTS["topo"]["step_scale"] == hta.TopoAdapterConfig().step_scale == 0.1
     assert TOPO_VARIANTS["topo_full_step"] == {**TOPO_VARIANTS["topo"], "step_scale": 1.0}
-    assert GROWN["topo_grown"] == {**TOPO_VARIANTS["topo_full_step"], "optimize_solver": "dense", "score_once": False}
+    budgeted = ("neuron_budget", "max_neurons")  # growth sizes its layers itself
+    grown_levers = {k: v for k, v in TOPO_VARIANTS["topo_full_step"].items() if k not in budgeted}
+    assert GROWN["topo_grown"] == {**grown_levers, "optimize_solver": "dense", "score_once": False}
     assert TOPO_VARIANTS["topo_paper"]["step_scale"] == 1.0
 
 

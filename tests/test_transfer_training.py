@@ -101,6 +101,11 @@ def test_each_round_reads_only_the_topo_runs_at_its_own_rate(tmp_path):
     assert cell["gain"] == pytest.approx(0.05) and third["rates"] == {"effnet_mnist": now}
 
 
+def before_round_15(variant: dict) -> dict:
+    """A topo variant as it was before rounds 15 and 17: the greedy rule, neurons spread evenly (the recipes' trim)."""
+    return {**{k: v for k, v in variant.items() if k not in ("neuron_budget", "max_neurons")}, "score_once": False}
+
+
 def test_a_round_runs_its_topo_methods_at_its_own_rate():
     lrs = {"lora": 1e-2, "peft": 1e-2, "head": 1e-1}
     methods = ["lora", tt.ROUNDS[1]["base"], tt.with_lever("step=0.5")]
@@ -119,9 +124,9 @@ def test_round_four_measures_the_recipes_default_at_the_recipes_current_rates():
 
     spec = tt.ROUNDS[4]
     assert lever_method(spec["base"]) == lever_method(spec["prefix"]) and lever_method(spec["base"])["step_scale"] == 1
-    # the default of round 6's time: today's without the matrix-free ascent and with the greedy rule (round 15)
-    formed_greedy = {**TOPO_VARIANTS["topo_formed_matrix"], "score_once": False}
-    assert formed_greedy == lever_method(tt.with_lever("step=0.1", spec["prefix"]))
+    assert before_round_15(TOPO_VARIANTS["topo_formed_matrix"]) == lever_method(
+        tt.with_lever("step=0.1", spec["prefix"])
+    )
     now = {recipe: importlib.import_module(f"recipes.{recipe}").DEFAULTS["lrs"]["peft"] for recipe in tt.RECIPES}
     assert spec["rates"] == now
     assert all(lever.startswith("step=") for lever in spec["levers"])
@@ -134,8 +139,8 @@ def test_round_six_measures_the_matrix_free_ascent_on_round_fours_default_for_ti
 
     spec = tt.ROUNDS[6]
     assert spec["base"] == tt.with_lever("step=0.1", tt.ROUNDS[4]["prefix"]) and spec["rates"] == tt.ROUNDS[4]["rates"]
-    assert lever_method(spec["base"]) == {**TOPO_VARIANTS["topo_formed_matrix"], "score_once": False}
-    assert lever_method(tt.with_lever("wide_matrix_free", spec["prefix"])) == TOPO_VARIANTS["topo_greedy"]
+    assert lever_method(spec["base"]) == before_round_15(TOPO_VARIANTS["topo_formed_matrix"])
+    assert lever_method(tt.with_lever("wide_matrix_free", spec["prefix"])) == before_round_15(TOPO_VARIANTS["topo"])
     assert spec["rule"] == "no_loss"
     assert tt.adopted({"mean_gain": -0.001, "mean_gain_se": 0.004}, "no_loss")
     assert not tt.adopted({"mean_gain": -0.012, "mean_gain_se": 0.006}, "no_loss")
@@ -158,9 +163,13 @@ def test_rounds_from_seven_measure_on_todays_default_and_only_where_their_lever_
     from recipes.methods import TOPO_VARIANTS, lever_method
 
     for number in range(7, 16):  # the default of their time: the greedy rule until round 15 adopted score_once
-        assert lever_method(tt.ROUNDS[number]["base"]) == TOPO_VARIANTS["topo_greedy"], number
-    assert lever_method(tt.with_lever("score_once", tt.ROUNDS[15]["prefix"])) == TOPO_VARIANTS["topo"]
-    for number in range(16, max(tt.ROUNDS) + 1):
+        assert lever_method(tt.ROUNDS[number]["base"]) == before_round_15(TOPO_VARIANTS["topo"]), number
+    # round 15 adopted score_once and round 17 value_budget (its `budget+max_neurons=64` row)
+    assert lever_method(tt.with_lever("score_once", tt.ROUNDS[15]["prefix"])) == TOPO_VARIANTS["topo_even_neurons"]
+    for number in range(16, 18):
+        assert lever_method(tt.ROUNDS[number]["base"]) == TOPO_VARIANTS["topo_even_neurons"], number
+    assert lever_method(tt.with_lever("budget+max_neurons=64", tt.ROUNDS[17]["prefix"])) == TOPO_VARIANTS["topo"]
+    for number in range(18, max(tt.ROUNDS) + 1):
         assert lever_method(tt.ROUNDS[number]["base"]) == TOPO_VARIANTS["topo"], number
     assert tt.ROUNDS[8]["recipes"] == tt.ROUNDS[11]["recipes"] == ("minilm_topics", "vit_digits")
     base, attention = tt.ROUNDS[8]["base"], tt.with_lever("attention", tt.ROUNDS[8]["prefix"])
