@@ -212,6 +212,9 @@ def report(recipes, output_dir: str) -> dict:
         f"AdaLoRA matched to it); topo is the default (levers: {', '.join(DEFAULT_LEVERS) or 'none'}), one-shot before "
         "training; topo_grown starts from the head and grows one layer every 2 epochs at the best position of the "
         "trained model. Learning rates per method were chosen on validation (transfer_lr_grid_<recipe>.md). "
+        "The topo, LoRA and topo_greedy (the previous default) rows ran on one machine, the other rows on earlier "
+        "ones; the same EfficientNet run can end several points apart on two machines (setup_stability.md), and the "
+        "earlier topo and LoRA runs are kept in transfer_frontier_<recipe>_earlier_machine_runs.jsonl. "
         "Regenerate with `python benchmarks/transfer.py --frontier`.",
         "",
     ]

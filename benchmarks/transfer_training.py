@@ -181,7 +181,16 @@ ROUNDS = {
     14: on_today(ROUND14_LEVERS),
     15: on_today(ROUND15_LEVERS, rule="no_loss", runs="round15"),
     16: {**on_today(ROUND16_LEVERS, runs="round15"), "base": ROUND16_BASE, "prefix": ROUND16_BASE},
-    17: {**on_today(ROUND17_LEVERS, runs="round15"), "base": ROUND16_BASE, "prefix": ROUND16_BASE},
+    17: {
+        **on_today(ROUND17_LEVERS, runs="round15"),
+        "base": ROUND16_BASE,
+        "prefix": ROUND16_BASE,
+        "vetoed": {
+            "budget+max_neurons=64": "on EfficientNet it fills its three cheapest positions (blocks 0-2, 16-24 "
+            "channels) up to their width and leaves 28%, 55% and 75% of the budget unspent at r=2, 4 and 8 "
+            "(transfer_frontier_effnet_mnist_value_budget_runs.jsonl): a default must spend the budget it is given",
+        },
+    },
 }
 
 
@@ -289,8 +298,13 @@ def measure_round(number: int, recipes: list[str], output_dir: str) -> dict:
     loss_rows = lever_rows(tables["loss"], applies, spec["base"], spec["levers"], spec["prefix"])
     rates = {r: spec["rates"].get(r) for r in recipes}
     rule = spec.get("rule", "gain")
-    adopt = [row["lever"] for row in rows if adopted(row, rule)]
-    return {"default": spec["base"], "rates": rates, "rows": rows, "loss_rows": loss_rows, "adopt": adopt, "rule": rule}
+    vetoed = spec.get("vetoed", {})  # passed the rule, not adopted for a reason the rule does not see
+    passed = [row["lever"] for row in rows if adopted(row, rule)]
+    return {
+        "default": spec["base"], "rates": rates, "rows": rows, "loss_rows": loss_rows, "rule": rule,
+        "adopt": [lever for lever in passed if lever not in vetoed],
+        "vetoed": {lever: why for lever, why in vetoed.items() if lever in passed},
+    }  # fmt: skip
 
 
 def report(recipes: list[str], output_dir: str) -> dict:
@@ -328,9 +342,13 @@ def rates_text(rates: dict) -> str:
 
 def round_section(measured: dict, recipes: list[str]) -> list[str]:
     adopted_line = f"**Adopted: {', '.join(measured['adopt']) or 'none'}.**"
+    vetoed = [
+        f"`{lever}` passed the rule and is not adopted: {why}." for lever, why in measured.get("vetoed", {}).items()
+    ]
     return [
         "",
         "**An ablation: nothing to adopt.**" if measured.get("rule") == "ablation" else adopted_line,
+        *(["", *vetoed] if vetoed else []),
         "",
         *table(measured["rows"], recipes, 4),
         "",

@@ -423,9 +423,10 @@ class _TopoAdapterFields:
             "Positions and neurons are then chosen by value per parameter: every candidate neuron's eigenvalue "
             "(cross-fitted with crossfit=True) over its cost (d + 1 on a token stream, C k^2 + 1 on a feature map, "
             "+ d with train_up), best first while they fit, at most num_adapters positions and max_neurons "
-            "neurons each. None: num_adapters positions sized by the eps_s rule or `neurons`. Fine-tuning at a "
-            "matched budget, set it with max_neurons=64: that did best on the recipes' validation "
-            "(benchmarks/results/transfer_training.md, round 17: +1.5 points, EfficientNet +6.2, MiniLM -3.1)."
+            "neurons each. None: num_adapters positions sized by the eps_s rule or `neurons`. On the recipes' "
+            "validation, with max_neurons=64, it gained on EfficientNet and lost on MiniLM (benchmarks/results/"
+            "transfer_training.md, round 17), and on a CNN it can leave much of a large budget unspent: the cheapest "
+            "positions take it first and hold at most their width in neurons."
         },
     )
     score_once: bool = field(

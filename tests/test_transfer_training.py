@@ -16,8 +16,8 @@ sys.path.insert(0, ROOT)
 from benchmarks import transfer_training as tt  # noqa: E402
 
 
-def write_runs(folder, recipe: str, validations: dict[str, list[float]]) -> None:
-    with open(tt.runs_path(str(folder), recipe), "w") as f:
+def write_runs(folder, recipe: str, validations: dict[str, list[float]], runs: str | None = None) -> None:
+    with open(tt.runs_path(str(folder), recipe, runs), "w") as f:
         for method, values in validations.items():
             for seed, value in enumerate(values):
                 curves = [{"epoch": 1.0, "loss": 1.3 - value}, {"epoch": 2.0, "loss": 1.0 - value}]
@@ -164,13 +164,11 @@ def test_rounds_from_seven_measure_on_todays_default_and_only_where_their_lever_
 
     for number in range(7, 16):  # the default of their time: the greedy rule until round 15 adopted score_once
         assert lever_method(tt.ROUNDS[number]["base"]) == before_round_15(TOPO_VARIANTS["topo"]), number
-    # round 15 adopted score_once and round 17 value_budget (its `budget+max_neurons=64` row)
-    assert lever_method(tt.with_lever("score_once", tt.ROUNDS[15]["prefix"])) == TOPO_VARIANTS["topo_even_neurons"]
-    for number in range(16, 18):
-        assert lever_method(tt.ROUNDS[number]["base"]) == TOPO_VARIANTS["topo_even_neurons"], number
-    assert lever_method(tt.with_lever("budget+max_neurons=64", tt.ROUNDS[17]["prefix"])) == TOPO_VARIANTS["topo"]
-    for number in range(18, max(tt.ROUNDS) + 1):
+    # round 15 adopted score_once; round 17's `budget+max_neurons=64` passed the rule and was vetoed (its reason)
+    assert lever_method(tt.with_lever("score_once", tt.ROUNDS[15]["prefix"])) == TOPO_VARIANTS["topo"]
+    for number in range(16, max(tt.ROUNDS) + 1):
         assert lever_method(tt.ROUNDS[number]["base"]) == TOPO_VARIANTS["topo"], number
+    assert "budget+max_neurons=64" in tt.ROUNDS[17]["vetoed"]
     assert tt.ROUNDS[8]["recipes"] == tt.ROUNDS[11]["recipes"] == ("minilm_topics", "vit_digits")
     base, attention = tt.ROUNDS[8]["base"], tt.with_lever("attention", tt.ROUNDS[8]["prefix"])
     for recipe in tt.RECIPES:
@@ -181,3 +179,18 @@ def test_rounds_from_seven_measure_on_todays_default_and_only_where_their_lever_
     assert eighth["adopt"] == ["attention"]
     assert tt.measure_round(11, list(tt.RECIPES), str(tmp_path))["adopt"] == []
     assert not tt.adopted({"mean_gain": 0.1, "mean_gain_se": 0.01}, "ablation")
+
+
+def test_a_round_with_its_own_runs_file_reads_it_and_a_vetoed_lever_is_not_adopted(tmp_path):
+    """Round 17 reads round 15's runs file (its reference ran there); `budget+max_neurons=64` passes the gain rule on
+    these runs and is still not adopted, with its reason in the report."""
+    spec = tt.ROUNDS[17]
+    base, lever = spec["base"], tt.with_lever("budget+max_neurons=64", spec["prefix"])
+    for recipe in tt.RECIPES:
+        write_runs(tmp_path, recipe, {base: [0.5, 0.6, 0.7], lever: [0.6, 0.72, 0.8]}, runs="round15")
+    measured = tt.measure_round(17, list(tt.RECIPES), str(tmp_path))
+    row = {row["lever"]: row for row in measured["rows"]}["budget+max_neurons=64"]
+    assert row["mean_gain"] == pytest.approx(0.1067, abs=1e-4) and tt.adopted(row)
+    assert measured["adopt"] == [] and "unspent" in measured["vetoed"]["budget+max_neurons=64"]
+    assert any("passed the rule and is not adopted" in line for line in tt.round_section(measured, list(tt.RECIPES)))
+    assert tt.measure_round(16, list(tt.RECIPES), str(tmp_path))["vetoed"] == {}
