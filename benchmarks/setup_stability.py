@@ -64,7 +64,7 @@ def build_pair(recipe, task, recipe_args, seed, setup, method: str) -> dict:
     for kind in ("as_loaded", "perturbed"):
         model, budget = fresh_model(task, recipe_args, seed, calibration)
         if kind == "perturbed":
-            perturb(model, SCALE, seed)  # every weight of the pretrained model trains until the adapters are built
+            perturb(model, SCALE, seed)  # before the build every weight still requires grad: perturb reaches all
         built = build_method(METHODS[method], model, calibration, budget, steps, seed, task.lora_targets)
         builds[kind] = setup_of(built)
     return {"key": run_key(recipe, seed, method), "recipe": recipe, "seed": seed, "method": method, **builds}

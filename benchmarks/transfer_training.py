@@ -133,8 +133,8 @@ ROUND14_LEVERS = ("warmup",)
 # Round 15: every layer from one scoring round (`score_once`). Each insertion takes a tenth of its line-searched step,
 # so the model the next round scores is almost the one the first round scored, while the rounds' captures and
 # eigen-solves are a third to a half of the setup (setup_cost.md). A lever that saves time: rule "no_loss". Its
-# reference is today's default run again beside it (its own runs file): the stored default runs predate code changes
-# that moved EfficientNet's later insertions (seed 3's third layer went from block 1 to block 10).
+# reference is today's default run again beside it (its own runs file): the stored default runs came from another
+# machine, and the same code builds other EfficientNet layers here (seed 3's third layer: block 1 there, 10 here).
 ROUND15_LEVERS = ("score_once",)
 ROUND16_BASE = with_lever("score_once", ROUND7_BASE)
 # Round 16: the step without a line search (`decrease=F`: the eps whose predicted decrease is F of the calibration

@@ -231,23 +231,21 @@ def _budgeted_insertions(model, batches, config, loss_fn, candidates: list[Posit
         # the first round's scores serve the first insertion (the neuron rule is applied when it is planned), and
         # every insertion with score_once
         reuse = first if not i else (_reused(first, records) if config.score_once else None)
-        record = _insert_or_rescore(model, batches, scoring, loss_fn, name, first_step, reuse, records)
-        records.append(record)
-        first_step = record.line_search_step if record.accepted else first_step
+        records += _insert_or_rescore(model, batches, scoring, loss_fn, name, first_step, reuse, records)
+        first_step = records[-1].line_search_step if records[-1].accepted else first_step
     return records
 
 
-def _insert_or_rescore(model, batches, scoring, loss_fn, name, first_step, reuse, records) -> InsertionRecord:
-    """insert_layer at `name` from `reuse`, an earlier round; when that layer lowers no loss while earlier layers went
-    in since, the position is scored again on the current model (its directions may have gone stale). The failed
-    attempt goes to `records`."""
+def _insert_or_rescore(model, batches, scoring, loss_fn, name, first_step, reuse, records) -> list[InsertionRecord]:
+    """The attempts at `name`, the last one decisive: insert_layer from `reuse`, an earlier round, and when that layer
+    lowers no loss while earlier layers (`records`) went in since, again after scoring the position on the current
+    model (its directions may have gone stale)."""
     record = insert_layer(model, batches, scoring, loss_fn, name, first_step=first_step, scored=reuse)
     if record.accepted or reuse is None or not any(r.accepted for r in records):
-        return record
+        return [record]
     record.reason += ", from the first scoring round's directions; scored again on the current model next"
-    records.append(record)
     alone = dataclasses.replace(scoring, positions=[name])
-    return insert_layer(model, batches, alone, loss_fn, name, first_step=first_step)
+    return [record, insert_layer(model, batches, alone, loss_fn, name, first_step=first_step)]
 
 
 def _reused(scored: ScoringRound, records: list[InsertionRecord]) -> ScoringRound:
@@ -274,19 +272,24 @@ def _score_once_insertions(model, batches, config, loss_fn, candidates: list[Pos
                 records.append(insert_layer(model, batches, scoring, loss_fn, score.name, scored=first))
             break  # the best remaining position cannot lower the loss, so none can
         reuse = _reused(first, records) if records else first
-        record = _insert_or_rescore(model, batches, scoring, loss_fn, score.name, first_step, reuse, records)
-        records.append(record)
-        if record.accepted:
-            first_step = record.line_search_step
+        records += _insert_or_rescore(model, batches, scoring, loss_fn, score.name, first_step, reuse, records)
+        if records[-1].accepted:
+            first_step = records[-1].line_search_step
     return records
 
 
-def _greedy_insertions(model, batches, config, loss_fn, candidates: list[Position]) -> list[InsertionRecord]:
-    """Insert at the best remaining position, k times, each one line-searched with the earlier ones in place."""
+def _insertions(model, batches, config, loss_fn, candidates: list[Position]) -> list[InsertionRecord]:
+    """The eigen-initialised layers by the config's rule: a neuron budget, one scoring round, or the greedy rule."""
     if config.neuron_budget is not None:
         return _budgeted_insertions(model, batches, config, loss_fn, candidates)
     if config.score_once:
         return _score_once_insertions(model, batches, config, loss_fn, candidates)
+    return _greedy_insertions(model, batches, config, loss_fn, candidates)
+
+
+def _greedy_insertions(model, batches, config, loss_fn, candidates: list[Position]) -> list[InsertionRecord]:
+    """Insert at the best remaining position, k times, each one scored again and line-searched with the earlier ones in
+    place (the paper's rule)."""
     records: list[InsertionRecord] = []
     remaining = [p.name for p in candidates]
     first_step = None  # the line search starts where the previous one ended: step sizes vary little between layers
@@ -334,7 +337,7 @@ def get_topo_model(
     if config.init == "random":
         records = _random_insertions(model, config, candidates, batches, loss_fn)
     else:
-        records = _greedy_insertions(model, batches, config, loss_fn, candidates)
+        records = _insertions(model, batches, config, loss_fn, candidates)
     accepted = [r for r in records if r.accepted]
     if not accepted:
         reason = records[0].reason if records else "no candidate positions"
