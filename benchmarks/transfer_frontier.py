@@ -66,7 +66,7 @@ def reuse_earlier_runs(recipe: str, output_dir: str, runs_file: str, lrs: dict) 
         for result in load_runs(os.path.join(output_dir, source)).values():
             if result.method.startswith(("topo", "bottleneck")):
                 continue
-            same_rate = math.isclose(result.lr, lr_for(result.method, lrs))
+            same_rate = math.isclose(result.lr, lr_for(result.method, lrs, result.lora_rank))
             if result.key in have or not same_rate:
                 continue
             with open(runs_file, "a") as f:
@@ -124,7 +124,8 @@ def summarise(recipe: str, output_dir: str) -> dict | None:
         if r.per_class != SMALLEST[recipe]:
             continue
         rank = r.lora_rank if r.method not in REFERENCE else 0
-        if math.isclose(r.lr, lr_for(r.method, lrs)):  # the rate chosen on validation, not the grid's others
+        # the rate chosen on validation (at this budget where the recipe has one), not the grid's others
+        if math.isclose(r.lr, lr_for(r.method, lrs, r.lora_rank)):
             groups.setdefault((r.method, rank), []).append(r)
     rows = {}
     for (method, rank), runs in groups.items():
@@ -202,6 +203,15 @@ def cell(row: dict | None) -> str:
     return f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} ({row['trainable']:,})"
 
 
+def rates_line(rows: dict) -> str:
+    """Each curve's learning rate at every rank, as its runs trained."""
+
+    def rate(key: str) -> str:
+        return f"{rows[key]['lr']:g}" if key in rows else "-"
+
+    return "; ".join(f"{method} " + ", ".join(rate(f"{method}@{r}") for r in RANKS) for method in CURVES)
+
+
 def report(recipes, output_dir: str) -> dict:
     summaries = {r: s for r in recipes if (s := summarise(r, output_dir)) is not None}
     lines = [
@@ -211,7 +221,9 @@ def report(recipes, output_dir: str) -> dict:
         "brackets), of the checkpoint chosen on validation, tested once. Budgets are LoRA's at rank r (topo and "
         f"AdaLoRA matched to it); topo is the default (levers: {', '.join(DEFAULT_LEVERS) or 'none'}), one-shot before "
         "training; topo_grown starts from the head and grows one layer every 2 epochs at the best position of the "
-        "trained model. Learning rates per method were chosen on validation (transfer_lr_grid_<recipe>.md). "
+        "trained model. Learning rates per method were chosen on validation at the recipe's rank "
+        "(transfer_lr_grid_<recipe>.md), and LoRA's and topo's again at every other rank "
+        "(transfer_lr_grid_<recipe>_ranks.md): a rate chosen at one rank made LoRA diverge at another. "
         "The topo, LoRA and topo_greedy (the previous default) rows ran on one machine, the other rows on earlier "
         "ones; the same EfficientNet run can end several points apart on two machines (setup_stability.md), and the "
         "earlier topo and LoRA runs are kept in transfer_frontier_<recipe>_earlier_machine_runs.jsonl. "
@@ -227,6 +239,7 @@ def report(recipes, output_dir: str) -> dict:
             lines.append(f"| {method} | " + " | ".join(cell(rows.get(f"{method}@{r}")) for r in RANKS) + " |")
         for method in REFERENCE:
             lines.append(f"| {method} (reference) | {cell(rows.get(f'{method}@0'))} |" + " |" * (len(RANKS) - 1))
+        lines += ["", f"Learning rates at r={', '.join(map(str, RANKS))}: {rates_line(rows)}."]
         lines += ["", f"Ablations at the r={ABLATION_RANK} budget (validation accuracy beside test):", ""]
         lines += ["| method | test accuracy | validation | setup s | train s/epoch |", "|---|---:|---:|---:|---:|"]
         for method in ["topo", "topo_grown", "lora", *ablations()]:

@@ -5,8 +5,11 @@ validation examples moves in steps of points and neighbouring rates often tie wi
 
     python benchmarks/transfer_lr_grid.py --recipe vit_digits             # the recipe's grid, seeds 0 1 2
     python benchmarks/transfer_lr_grid.py --recipe minilm_topics --methods topo lora --seeds 0 1
+    python benchmarks/transfer_lr_grid.py --recipe effnet_mnist --methods lora topo --ranks 1 4 8   # per budget
 
-Writes benchmarks/results/transfer_lr_grid_<recipe>.{md,json}; every run is appended to
+Writes benchmarks/results/transfer_lr_grid_<recipe>.{md,json} (the recipe's own budget) and, for --ranks other than
+it, transfer_lr_grid_<recipe>_ranks.{md,json}: a rate chosen at LoRA rank r (and topo's matched budget) is the
+recipe's `<method>@r<r>` rate, since a rate tuned at one rank can diverge at another. Every run is appended to
 transfer_lr_grid_<recipe>_runs.jsonl at once and skipped when the grid is run again.
 """
 
@@ -24,7 +27,7 @@ sys.path.insert(0, ROOT)
 for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(name, "1")
 
-from recipes.experiment import run_experiment  # noqa: E402
+from recipes.experiment import load_runs, run_experiment  # noqa: E402
 
 GRIDS = {
     "minilm_topics": {"head": [5e-3, 2e-2, 5e-2], "full": [5e-5, 1e-4, 2e-4], "peft": [2e-3, 5e-3, 1e-2, 2e-2]},
@@ -63,14 +66,14 @@ def lowest_loss(curves: list[dict]) -> float:
     return min(epoch["loss"] for epoch in curves)
 
 
-def choose(results, methods) -> dict[str, dict]:
-    """Per method and lr: mean and std of the best-epoch validation accuracy and of the lowest validation loss; the
-    chosen lr has the best mean accuracy."""
+def choose(results, methods, rank: int | None = None) -> dict[str, dict]:
+    """Per method and lr (at LoRA rank `rank`, every rank when None): mean and std of the best-epoch validation
+    accuracy and of the lowest validation loss; the chosen lr has the best mean accuracy."""
     table = {}
     for method in methods:
         by_lr: dict[float, list] = {}
         for r in results:
-            if r.method == method:
+            if r.method == method and rank in (None, r.lora_rank):
                 by_lr.setdefault(r.lr, []).append(r)
         if not by_lr:
             continue
@@ -95,8 +98,6 @@ def _summary(runs) -> dict:
 def grid_runs(results, path: str, args) -> list:
     """This call's runs and every other run of the same grid already in the runs file (other seeds): a method's
     choice uses all the seeds it has."""
-    from recipes.experiment import load_runs
-
     runs = {(r.method, r.per_class, r.seed, r.lr, r.lora_rank): r for r in load_runs(path).values()}
     runs.update({(r.method, r.per_class, r.seed, r.lr, r.lora_rank): r for r in results})
     ranks = {r.lora_rank for r in results}
@@ -113,6 +114,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="override the grid for every method")
+    parser.add_argument(
+        "--ranks", type=int, nargs="+", default=None, help="LoRA ranks (budgets) to choose at (default: the recipe's)"
+    )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--output-dir", default=OUT)
     args = parser.parse_args(argv)
@@ -130,42 +134,82 @@ def main(argv=None) -> dict:
     setup = training_setup(recipe_args)
     setup.progress = False
     stem = os.path.join(args.output_dir, f"transfer_lr_grid_{args.recipe}")
+    ranks = args.ranks or [recipe_args.lora_rank]
     results = []
-    for method in args.methods:
-        for lr in args.lrs or GRIDS[args.recipe][family(method)]:
-            results += run_experiment(
-                task, [method], [SMALLEST[args.recipe]], args.seeds, setup, lrs={method: lr},
-                lora_rank=recipe_args.lora_rank, num_adapters=recipe_args.num_adapters,
-                test_per_class=recipe_args.test_per_class, output_dir=args.output_dir,
-                results_path=f"{stem}_runs.jsonl", resume=True, log=lambda _: None,
-            )  # fmt: skip
-    table = choose(grid_runs(results, f"{stem}_runs.jsonl", args), args.methods)
+    for rank in ranks:
+        for method in args.methods:
+            for lr in args.lrs or GRIDS[args.recipe][family(method)]:
+                results += run_experiment(
+                    task, [method], [SMALLEST[args.recipe]], args.seeds, setup, lrs={method: lr}, lora_rank=rank,
+                    num_adapters=recipe_args.num_adapters, test_per_class=recipe_args.test_per_class,
+                    output_dir=args.output_dir, results_path=f"{stem}_runs.jsonl", resume=True, log=lambda _: None,
+                )  # fmt: skip
+    chosen = {}
+    if recipe_args.lora_rank in ranks:
+        own = [r for r in results if r.lora_rank == recipe_args.lora_rank]
+        # the report keeps the methods of earlier calls beside this call's
+        earlier = {r.method for r in load_runs(f"{stem}_runs.jsonl").values() if r.lora_rank == recipe_args.lora_rank}
+        methods = [*args.methods, *(m for m in DEFAULT_METHODS if m in earlier and m not in args.methods)]
+        methods += sorted(earlier - set(methods))
+        every = argparse.Namespace(**{**vars(args), "methods": methods})
+        table = choose(grid_runs(own, f"{stem}_runs.jsonl", every), methods)
+        chosen = write_report(stem, {None: table}, args.recipe, setup.epochs, "")
+    others = [rank for rank in ranks if rank != recipe_args.lora_rank]
+    if others:
+        runs = other_rank_runs(f"{stem}_runs.jsonl", args.recipe, recipe_args.lora_rank)
+        methods, grid_ranks = sorted({r.method for r in runs}), sorted({r.lora_rank for r in runs})
+        tables = {rank: choose(runs, methods, rank) for rank in grid_ranks}
+        flags = f" --methods {' '.join(methods)} --ranks {' '.join(map(str, grid_ranks))}"
+        chosen |= write_report(f"{stem}_ranks", tables, args.recipe, setup.epochs, flags)
+    return chosen
+
+
+def other_rank_runs(path: str, recipe: str, own_rank: int) -> list:
+    """Every grid run in the runs file at a LoRA rank other than the recipe's own."""
+    return [
+        r for r in load_runs(path).values()
+        if r.lora_rank != own_rank and r.per_class == SMALLEST[recipe]
+        and any(math.isclose(r.lr, lr) for lr in GRIDS[recipe][family(r.method)])
+    ]  # fmt: skip
+
+
+def write_report(stem: str, tables: dict, recipe: str, epochs: int, flags: str) -> dict[str, float]:
+    """`stem`.md and .json from per-rank tables (rank None: the recipe's own budget); returns the chosen rates, keyed
+    `<method>@r<rank>` at other ranks, as the recipes' lrs take them."""
+    by_rank = None not in tables
     lines = [
-        f"# Learning rates for {args.recipe}, chosen on validation",
+        f"# Learning rates for {recipe}{' at other budgets' if by_rank else ''}, chosen on validation",
         "",
-        f"{SMALLEST[args.recipe]} examples per class to train and as many to validate, every seed run so far (the "
+        f"{SMALLEST[recipe]} examples per class to train and as many to validate, every seed run so far (the "
         f"seeds column; `--seeds` adds more), "
-        f"{setup.epochs} epochs with the recipe's Trainer settings; mean ± std per learning rate of each run's "
+        f"{epochs} epochs with the recipe's Trainer settings; mean ± std per learning rate of each run's "
         f"best-epoch validation accuracy (the chosen rate has the best mean) and of its lowest validation loss (a "
         f"continuous read of the same runs: accuracy on a few dozen examples moves in steps of points and ties; the "
         f"test split is not looked at). "
-        f"Regenerate with `python benchmarks/transfer_lr_grid.py --recipe {args.recipe}`.",
+        + ("A rank's chosen rate is the recipe's `<method>@r<rank>` rate (topo at LoRA rank r's matched budget). "
+           if by_rank else "")
+        + f"Regenerate with `python benchmarks/transfer_lr_grid.py --recipe {recipe}{flags}`.",
         "",
-        "| method | lr | validation accuracy | lowest validation loss | seeds | chosen |",
-        "|---|---:|---:|---:|---:|:---:|",
-    ]
-    for method, entry in table.items():
-        for lr, row in entry["rows"].items():
-            lines.append(
-                f"| {method} | {lr:g} | {row['accuracy']:.4f} ± {row['accuracy_std']:.4f} | {row['loss']:.3f} ± "
-                f"{row['loss_std']:.3f} | {row['seeds']} | {'yes' if lr == entry['best'] else ''} |"
-            )
+        f"| {'rank | ' if by_rank else ''}method | lr | validation accuracy | lowest validation loss | seeds "
+        "| chosen |",
+        f"|{'---:|' if by_rank else ''}---|---:|---:|---:|---:|:---:|",
+    ]  # fmt: skip
+    chosen, dump = {}, {}
+    for rank, table in tables.items():
+        for method, entry in table.items():
+            key = method if rank is None else f"{method}@r{rank}"
+            chosen[key] = entry["best"]
+            dump[key] = {str(k): v for k, v in entry["rows"].items()}
+            for lr, row in entry["rows"].items():
+                lines.append(
+                    f"| {'' if rank is None else f'{rank} | '}{method} | {lr:g} | {row['accuracy']:.4f} ± "
+                    f"{row['accuracy_std']:.4f} | {row['loss']:.3f} ± {row['loss_std']:.3f} | {row['seeds']} | "
+                    f"{'yes' if lr == entry['best'] else ''} |"
+                )
     with open(f"{stem}.md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    chosen = {method: entry["best"] for method, entry in table.items()}
     with open(f"{stem}.json", "w") as f:
-        json.dump({"chosen": chosen, "table": {m: {str(k): v for k, v in e["rows"].items()} for m, e in table.items()}},
-                  f, indent=2)  # fmt: skip
+        json.dump({"chosen": chosen, "table": dump}, f, indent=2)
     print("\n".join(lines))
     return chosen
 

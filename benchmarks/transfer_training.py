@@ -149,6 +149,11 @@ ROUND16_LEVERS = ("decrease=0.01", "decrease=0.001")
 # neurons each (seed 2: blocks 1, 13, 14 with 2, 4, 2 neurons, 0.50 here and 0.49 there). `budget+max_neurons=64`
 # lifts the cap of 16 neurons a layer that left 13-18% of EfficientNet's budget unspent in round 13.
 ROUND17_LEVERS = ("budget", "budget+max_neurons=64")
+# Round 18: round 17's vetoed `value_budget` (value per parameter, 64 neurons a layer) with `fill`: once the recipe's
+# three positions are full, further positions take what is left (TopoAdapterConfig.fill_budget), so EfficientNet's
+# cheap first blocks no longer leave most of a budget unspent. `budget+fill` keeps the 16-neuron cap, which fills
+# sooner and so spreads the budget over more positions.
+ROUND18_LEVERS = ("value_budget+fill", "budget+fill")
 # The topo rate each round ran at, per recipe (the recipes' rate of the time): a run at another rate is not the round's.
 RATES_THEN = {"minilm_topics": 1e-2, "effnet_mnist": 3e-3, "vit_digits": 3e-2}
 RATES_ROUND3 = {"minilm_topics": 1e-2, "effnet_mnist": 1e-2, "vit_digits": 1e-2}
@@ -191,6 +196,7 @@ ROUNDS = {
             "(transfer_frontier_effnet_mnist_value_budget_runs.jsonl): a default must spend the budget it is given",
         },
     },
+    18: {**on_today(ROUND18_LEVERS, runs="round15"), "base": ROUND16_BASE, "prefix": ROUND16_BASE},
 }
 
 

@@ -429,6 +429,14 @@ class _TopoAdapterFields:
             "positions take it first and hold at most their width in neurons."
         },
     )
+    fill_budget: bool = field(
+        default=False,
+        metadata={
+            "help": "With neuron_budget: when num_adapters positions, each at its width or max_neurons, leave part "
+            "of the budget unspent, open further positions for it, best value per parameter first (more than "
+            "num_adapters layers). On a CNN the cheapest positions take the budget first and hold few neurons."
+        },
+    )
     score_once: bool = field(
         default=True,
         metadata={
@@ -469,8 +477,11 @@ class TopoAdapterConfig(PeftConfig, _TopoAdapterFields, ScoringConfig):
         self.calibration_batches = check_whole(
             "calibration_batches", self.calibration_batches, 1, optional=True, why=" (None: all batches)"
         )
-        if not isinstance(self.score_once, bool):
-            raise ValueError(f"score_once must be True or False, got {self.score_once!r}")
+        for name in ("score_once", "fill_budget"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.fill_budget and self.neuron_budget is None:
+            raise ValueError("fill_budget spends what a neuron_budget leaves unspent: set neuron_budget too")
         self.head_warmup_steps = check_whole("head_warmup_steps", self.head_warmup_steps, 0, why=" (0: no warm-up)")
         self.head_warmup_lr = check_real("head_warmup_lr", self.head_warmup_lr, 0.0, strict=True)
         self.neuron_budget = check_whole(

@@ -190,7 +190,8 @@ def _check_no_grown_layers(result, model_id: str) -> None:
 
 def neuron_plan(scores: list, config: TopoAdapterConfig) -> list[tuple[str, int]]:
     """(position, neurons) within `config.neuron_budget`, best value per parameter first: every candidate neuron
-    (an output row's top eigenvalue, or its cross-fitted value) over what it costs at its position."""
+    (an output row's top eigenvalue, or its cross-fitted value) over what it costs at its position. At most
+    `num_adapters` positions, unless `fill_budget` and they are full (width or max_neurons) with budget to spare."""
     items = []
     for score in scores:
         if score.spectrum is None:
@@ -205,14 +206,18 @@ def neuron_plan(scores: list, config: TopoAdapterConfig) -> list[tuple[str, int]
             values = list(top.items())
         items += [(value / cost, score.name, cost) for _, value in values if value > max(config.threshold, 0.0)]
     plan: dict[str, int] = {}
-    spent = 0
-    for _, name, cost in sorted(items, key=lambda item: -item[0]):
-        full = name not in plan and len(plan) >= config.num_adapters
-        capped = config.max_neurons is not None and plan.get(name, 0) >= config.max_neurons
-        if full or capped or spent + cost > config.neuron_budget:
-            continue  # a cheaper neuron elsewhere may still fit
-        plan[name] = plan.get(name, 0) + 1
-        spent += cost
+    spent, taken = 0, set()
+    ordered = sorted(enumerate(items), key=lambda item: -item[1][0])
+    # with fill_budget, a second pass opens positions past num_adapters for what the first left unspent
+    for opening in (False, True) if config.fill_budget else (False,):
+        for i, (_, name, cost) in ordered:
+            full = not opening and name not in plan and len(plan) >= config.num_adapters
+            capped = config.max_neurons is not None and plan.get(name, 0) >= config.max_neurons
+            if i in taken or full or capped or spent + cost > config.neuron_budget:
+                continue  # a cheaper neuron elsewhere may still fit
+            plan[name] = plan.get(name, 0) + 1
+            spent += cost
+            taken.add(i)
     return list(plan.items())
 
 

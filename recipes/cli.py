@@ -61,7 +61,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, defaults: dict) -> Non
         nargs="+",
         default=[],
         metavar="METHOD=LR",
-        help="a method's own lr, e.g. lora=0.01 topo=0.03 (the recipe's defaults were chosen on validation)",
+        help="a method's own lr, e.g. lora=0.01 topo=0.03, or at one LoRA rank's budget, e.g. lora@r8=0.003 (the "
+        "recipe's defaults were chosen on validation)",
     )
     parser.add_argument(
         "--metric",

@@ -131,7 +131,7 @@ def run_experiment(
         splits: DatasetDict | None = None
         topo_positions: list[str] | None = None
         for method in methods:
-            lr = lr_for(method, lrs or {})
+            lr = lr_for(method, lrs or {}, lora_rank)
             key = (method, k, seed, setup.epochs, lr, lora_rank)
             if key in done:
                 result = done[key]

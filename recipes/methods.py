@@ -56,6 +56,9 @@ LEVERS: dict[str, dict] = {
     # their width and leaves 28%, 55% and 75% of the budget unspent at r=2, 4 and 8
     # (transfer_frontier_effnet_mnist_value_budget_runs.jsonl): not the default.
     "value_budget": {"neuron_budget": True, "max_neurons": 64},
+    # with a budget: positions past the recipe's count once its positions are full and budget is left
+    # (TopoAdapterConfig.fill_budget), so value_budget spends on EfficientNet what its cheap blocks cannot hold
+    "fill": {"fill_budget": True},
 }
 # Levers with a value, written `name=value` in a method name (`topo+optimized+step=0.5`): the fraction of the
 # line-searched step the inserted layers take, and the adapters' learning rate as a multiple of the method's (the head
@@ -196,9 +199,13 @@ def is_matched(method: str) -> bool:
     return method in MATCHED or _named_by_levers(method)
 
 
-def lr_for(method: str, lrs: dict[str, float]) -> float:
+def lr_for(method: str, lrs: dict[str, float], rank: int | None = None) -> float:
+    """A method's learning rate: `<method>@r<rank>` (chosen on validation at LoRA rank `rank`'s budget, for that
+    method alone) before its own; every topo variant trains at the topo method's rate; then the family's."""
     family = {"head": "head", "head_warmup": "head", "full": "full"}.get(method, "peft")
-    if method.startswith("topo") and method not in lrs:  # every topo variant trains at the topo method's rate
+    if rank is not None and f"{method}@r{rank}" in lrs:
+        return lrs[f"{method}@r{rank}"]
+    if method.startswith("topo") and method not in lrs:
         return lrs.get("topo", lrs.get(family, DEFAULT_LRS[family]))
     return lrs.get(method, lrs.get(family, DEFAULT_LRS[family]))
 
@@ -335,7 +342,7 @@ def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, 
     import hf_topoadapt as hta
     from hf_topoadapt.growth import GrowthConfig, TopoGrowthCallback, head_only_topo_model
 
-    options = {k: v for k, v in options.items() if k not in ("neuron_budget", "head_warmup_steps")}
+    options = {k: v for k, v in options.items() if k not in ("neuron_budget", "fill_budget", "head_warmup_steps")}
     config = hta.TopoAdapterConfig(neurons=budget.request(), modules_to_save=[head], seed=seed, **options)
     wrapped = head_only_topo_model(model, config)
     growth = GrowthConfig(
@@ -411,6 +418,7 @@ def build_topo(
         options["neuron_budget"] = budget.target - budget.head_params
     else:  # random rows get exactly the recipe's allocation below
         options.pop("neuron_budget", None)
+        options.pop("fill_budget", None)
     if positions == "ranked":
         return fit_budget(_topo(model, calibration, head, seed, neurons or budget.request(), init, options), budget)
     candidates = topo_candidates(model, options, budget)

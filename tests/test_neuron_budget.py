@@ -69,3 +69,23 @@ def test_a_fixed_neuron_count_above_max_neurons_is_honoured(solver):
     assert config.max_neurons == 16
     hta.get_topo_model(model, config, calibration_data=batches)
     assert [shape["neurons"] for shape in config.adapter_shapes.values()] == [24]
+
+
+def test_fill_budget_opens_further_positions_for_what_full_ones_leave():
+    narrow = fake_score("narrow", q=10, width=2, values=[0.9, 0.8])  # the best per parameter, 2 neurons at most
+    small = fake_score("small", q=10, width=1, values=[0.7])
+    wide = fake_score("wide", q=50, width=49, values=[2.0, 1.5])  # 0.04 and 0.03 per parameter
+    scores = [narrow, small, wide]
+    # two positions: narrow and small are full at 30 of 100 and wide cannot open
+    assert neuron_plan(scores, config(neuron_budget=100)) == [("narrow", 2), ("small", 1)]
+    # filled: wide opens for one neuron (80); its second would take 130
+    assert neuron_plan(scores, config(neuron_budget=100, fill_budget=True)) == [("narrow", 2), ("small", 1), ("wide", 1)]
+    # a budget the first positions spend leaves nothing to fill
+    assert neuron_plan(scores, config(neuron_budget=30, fill_budget=True)) == [("narrow", 2), ("small", 1)]
+
+
+def test_fill_budget_needs_a_budget_and_a_bool():
+    with pytest.raises(ValueError, match="set neuron_budget too"):
+        hta.TopoAdapterConfig(fill_budget=True)
+    with pytest.raises(ValueError, match="fill_budget must be True or False"):
+        hta.TopoAdapterConfig(neuron_budget=100, fill_budget="yes")

@@ -85,3 +85,19 @@ def test_goal_and_report(tmp_path, lrs):
     assert "| topo | 0.660 ± 0.000 (510) |" in text and "head (reference)" in text
     assert (tmp_path / f"transfer_frontier_{RECIPE}.png").stat().st_size > 0
     assert json.loads((tmp_path / "transfer_frontier.json").read_text())[RECIPE]["per_class"] == SIZE
+
+
+def test_a_rank_with_its_own_rate_is_summarised_at_that_rate(tmp_path, lrs, monkeypatch):
+    import recipes.cli
+
+    lora_lr = lr_for("lora", lrs)
+    ranked = {**lrs, "lora@r8": lora_lr / 10}
+    monkeypatch.setattr(recipes.cli, "recipe_lrs", lambda args: ranked)
+    runs = [run("lora", seed, 8, 0.1, lora_lr) for seed in range(2)]  # the recipe's-rank rate diverged at r=8
+    runs += [run("lora", seed, 8, 0.7, lora_lr / 10) for seed in range(2)]
+    runs += [run("lora", seed, 2, 0.6, lora_lr) for seed in range(2)]
+    write(tmp_path / f"transfer_frontier_{RECIPE}_runs.jsonl", runs)
+    rows = tf.summarise(RECIPE, str(tmp_path))["rows"]
+    assert rows["lora@8"]["accuracy_mean"] == pytest.approx(0.7) and rows["lora@8"]["lr"] == pytest.approx(lora_lr / 10)
+    assert rows["lora@2"]["lr"] == pytest.approx(lora_lr)
+    assert tf.rates_line(rows).startswith(f"lora -, {lora_lr:g}, -, {lora_lr / 10:g}; adalora -, -, -, -")

@@ -55,3 +55,43 @@ def test_the_choice_uses_every_seed_of_the_grid_already_run(tmp_path):
     assert sorted((r.seed, r.lr) for r in runs) == [(0, 0.003), (0, 0.01), (3, 0.003), (4, 0.003)]
     table = choose(runs, ["topo"])
     assert table["topo"]["best"] == 0.003 and table["topo"]["rows"][0.003]["seeds"] == 3  # 0.767 against 0.7
+
+
+def ranked(method, seed, lr, accuracy, rank) -> RunResult:
+    result = run(method, seed, lr, accuracy, [1.0])
+    result.lora_rank = rank
+    return result
+
+
+def test_rates_are_chosen_per_rank_and_keyed_as_the_recipes_take_them(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    from benchmarks.transfer_lr_grid import other_rank_runs, write_report
+
+    path = tmp_path / "runs.jsonl"
+    runs = [
+        ranked("lora", 0, 0.03, 0.70, 2), ranked("lora", 0, 0.01, 0.60, 2),  # the recipe's own rank: not here
+        ranked("lora", 0, 0.03, 0.10, 8), ranked("lora", 0, 0.003, 0.65, 8),  # 0.03 diverges at rank 8
+        ranked("lora", 0, 0.03, 0.66, 4), ranked("lora", 0, 0.01, 0.64, 4),
+        ranked("lora", 0, 0.5, 0.99, 4),  # not a rate of the grid
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in runs))
+    others = other_rank_runs(str(path), "vit_digits", own_rank=2)
+    assert sorted((r.lora_rank, r.lr) for r in others) == [(4, 0.01), (4, 0.03), (8, 0.003), (8, 0.03)]
+    tables = {rank: choose(others, ["lora"], rank) for rank in (4, 8)}
+    chosen = write_report(str(tmp_path / "grid_ranks"), tables, "vit_digits", 10, " --ranks 4 8")
+    assert chosen == {"lora@r4": 0.03, "lora@r8": 0.003}
+    assert json.loads((tmp_path / "grid_ranks.json").read_text())["chosen"] == chosen
+    report = (tmp_path / "grid_ranks.md").read_text()
+    assert "| 8 | lora | 0.003 | 0.6500" in report and "--ranks 4 8" in report
+
+
+def test_a_rate_chosen_at_a_rank_is_that_methods_alone():
+    from recipes.methods import lr_for
+
+    lrs = {"peft": 0.02, "lora": 0.03, "topo": 0.01, "lora@r8": 0.003, "topo@r4": 0.001}
+    assert lr_for("lora", lrs, 8) == 0.003 and lr_for("lora", lrs, 2) == 0.03 and lr_for("lora", lrs) == 0.03
+    assert lr_for("topo", lrs, 4) == 0.001 and lr_for("topo", lrs, 8) == 0.01
+    assert lr_for("topo_grown", lrs, 4) == 0.01  # variants train at the topo method's own rate
+    assert lr_for("adalora", lrs, 8) == 0.02
