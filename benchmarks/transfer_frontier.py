@@ -106,6 +106,33 @@ def run_recipe(
         )  # fmt: skip
 
 
+def run_candidate(recipe: str, method: str, seeds: list[int], threads: int, output_dir: str, ranks) -> list[str]:
+    """A default's candidate (a lever that passed a round) at every rank before it is adopted: what it spends of each
+    budget and what it scores, in transfer_frontier_<recipe>_candidates_runs.jsonl under its own name."""
+    _, task, recipe_args = recipe_task(recipe, threads)
+    from recipes.cli import recipe_lrs, training_setup
+
+    setup = training_setup(recipe_args)
+    setup.progress = False
+    lrs = recipe_lrs(recipe_args)
+    lines = []
+    for rank in ranks:
+        results = run_experiment(
+            task, [method], [SMALLEST[recipe]], seeds, setup, lrs=lrs, lora_rank=rank,
+            num_adapters=recipe_args.num_adapters, test_per_class=recipe_args.test_per_class, output_dir=output_dir,
+            results_path=os.path.join(output_dir, f"transfer_frontier_{recipe}_candidates_runs.jsonl"), resume=True,
+            log=lambda line, r=rank: print(f"  {recipe} r={r}: {line}", flush=True),
+        )  # fmt: skip
+        spent = [r.trainable / r.budget_target for r in results if r.budget_target]
+        validation, test = _stats([r.validation for r in results]), _stats([r.accuracy for r in results])
+        lines.append(
+            f"{recipe} r={rank} {method}: budget spent {min(spent):.0%}-{max(spent):.0%}, validation "
+            f"{validation[0]:.3f} ± {validation[1]:.3f}, test {test[0]:.3f} ± {test[1]:.3f}"
+        )
+    print("\n".join(lines))
+    return lines
+
+
 def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -284,8 +311,22 @@ def main(argv=None) -> dict:
         help="run the baselines here too, not copied from the grid and lever runs (their pretrained model differs: "
         "the ViT recipe pretrains its own, and a new machine pretrains another)",
     )  # fmt: skip
+    parser.add_argument(
+        "--candidate",
+        help="run this method at --ranks (a default's candidate) instead of the plan, and report what it spends of "
+        "each budget",
+    )  # fmt: skip
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="with --candidate")
     args = parser.parse_args(argv)
     recipes = RECIPES if args.recipe == "all" else (args.recipe,)
+    if args.candidate:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        return {
+            recipe: run_candidate(recipe, args.candidate, args.seeds, args.threads, args.output_dir, args.ranks)
+            for recipe in recipes
+        }
     if not args.report_only:
         import datasets
         import torch

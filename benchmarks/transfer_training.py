@@ -196,7 +196,17 @@ ROUNDS = {
             "(transfer_frontier_effnet_mnist_value_budget_runs.jsonl): a default must spend the budget it is given",
         },
     },
-    18: {**on_today(ROUND18_LEVERS, runs="round15"), "base": ROUND16_BASE, "prefix": ROUND16_BASE},
+    18: {
+        **on_today(ROUND18_LEVERS, runs="round15"),
+        "base": ROUND16_BASE,
+        "prefix": ROUND16_BASE,
+        "vetoed": {
+            "value_budget+fill": "it spends EfficientNet's budget at every rank now (93-100%), but its gain there is "
+            "r=1's alone: at r=2, 4 and 8 its validation accuracy is 0.710, 0.770 and 0.784 against the default's "
+            "0.750, 0.770 and 0.800 (`python benchmarks/transfer_frontier.py --recipe effnet_mnist --candidate ...`, "
+            "transfer_frontier_effnet_mnist_candidates_runs.jsonl), and MiniLM loses 3.1 ± 1.0 points",
+        },
+    },
 }
 
 
@@ -566,6 +576,19 @@ def write(result: dict, output_dir: str) -> None:
         f"At {rates_text(result['round17']['rates'])}. Regenerate with "
         "`python benchmarks/transfer_training.py --round 17`.",
         *round_section(result["round17"], recipes),
+        "## Round 18: value per parameter that spends the budget",
+        "",
+        f"Today's default (`{result['round18']['default']}`, round 15's runs) with round 17's `value_budget` "
+        "(neurons by value per parameter, up to 64 a layer) and `fill` (TopoAdapterConfig.fill_budget): once the "
+        "recipe's three positions are full (their width or the cap), further positions take what is left of the "
+        "budget, best value per parameter first. Round 17's `budget+max_neurons=64` was vetoed because on "
+        "EfficientNet it left 28-75% of the budget unspent above r=1. `budget+fill` keeps the cap of 16 neurons, "
+        "which fills sooner and spreads the budget over more positions. At the recipes' own rank (r=1 on "
+        "EfficientNet) value_budget already spent the budget, so `value_budget+fill` measures the same plan there; "
+        "what fill changes shows at the larger ranks of the frontier. "
+        f"At {rates_text(result['round18']['rates'])}. Regenerate with "
+        "`python benchmarks/transfer_training.py --round 18`.",
+        *round_section(result["round18"], recipes),
     ]
     with open(os.path.join(output_dir, "transfer_training.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -57,7 +57,8 @@ LEVERS: dict[str, dict] = {
     # (transfer_frontier_effnet_mnist_value_budget_runs.jsonl): not the default.
     "value_budget": {"neuron_budget": True, "max_neurons": 64},
     # with a budget: positions past the recipe's count once its positions are full and budget is left
-    # (TopoAdapterConfig.fill_budget), so value_budget spends on EfficientNet what its cheap blocks cannot hold
+    # (TopoAdapterConfig.fill_budget), so value_budget spends on EfficientNet what its cheap blocks cannot hold. It
+    # does (93-100% at every rank), but value_budget+fill's gain there is r=1's alone (round 18): not the default.
     "fill": {"fill_budget": True},
 }
 # Levers with a value, written `name=value` in a method name (`topo+optimized+step=0.5`): the fraction of the
@@ -85,7 +86,8 @@ WHOLE_LEVERS = ("num_adapters", "kernel_size", "max_neurons")
 # transfer_levers.md), no_embeddings and then a tenth of the line-searched step added to it by the one-lever-at-a-time
 # measurement (transfer_training.md, rounds 1 and 4), the ascent matrix-free on wide positions, which saves time at no
 # cost in accuracy (round 6), and every layer from one scoring round, which saves time and gained (round 15).
-# `value_budget` passed round 17's rule but is not in it: on EfficientNet it cannot spend budgets above r=1.
+# `value_budget` passed round 17's rule but is not in it: on EfficientNet it cannot spend budgets above r=1; with
+# `fill` it can, and then loses or ties on validation at r=2, 4 and 8 there (round 18).
 DEFAULT_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized", "step=0.1", "wide_matrix_free", "score_once")
 # Growth keeps the paper's full step: a grown layer's step is taken on the trained model, and a tenth lost there on
 # validation (transfer_training.md, round 5); build_topo_grown hands it to GrowthConfig.step_scale. It also keeps the
