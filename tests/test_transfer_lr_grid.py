@@ -95,3 +95,39 @@ def test_a_rate_chosen_at_a_rank_is_that_methods_alone():
     assert lr_for("topo", lrs, 4) == 0.001 and lr_for("topo", lrs, 8) == 0.01
     assert lr_for("topo_grown", lrs, 4) == 0.01  # variants train at the topo method's own rate
     assert lr_for("adalora", lrs, 8) == 0.02
+
+
+@pytest.mark.parametrize("recipe", ["minilm_topics", "effnet_mnist", "vit_digits"])
+def test_the_recipes_train_each_rank_at_the_rate_its_grid_chose(recipe):
+    import json
+
+    from benchmarks.transfer_lr_grid import recipe_task
+    from recipes.cli import recipe_lrs
+    from recipes.methods import lr_for
+
+    path = os.path.join(ROOT, "benchmarks", "results", f"transfer_lr_grid_{recipe}_ranks.json")
+    if not os.path.exists(path):
+        pytest.fail(f"{path} is missing: run benchmarks/transfer_lr_grid.py --recipe {recipe} --ranks ...")
+    _, _, args = recipe_task(recipe, 1, load=False)
+    lrs = recipe_lrs(args)
+    with open(path) as f:
+        chosen = json.load(f)["chosen"]
+    for key, rate in chosen.items():
+        method, _, rank = key.partition("@r")
+        assert lr_for(method, lrs, int(rank)) == pytest.approx(rate), key
+
+
+@pytest.mark.parametrize("recipe", ["minilm_topics", "effnet_mnist", "vit_digits"])
+def test_the_recipes_train_at_the_rates_their_own_rank_chose(recipe):
+    import json
+
+    from benchmarks.transfer_lr_grid import recipe_task
+    from recipes.cli import recipe_lrs
+    from recipes.methods import lr_for
+
+    _, _, args = recipe_task(recipe, 1, load=False)
+    lrs = recipe_lrs(args)
+    with open(os.path.join(ROOT, "benchmarks", "results", f"transfer_lr_grid_{recipe}.json")) as f:
+        chosen = json.load(f)["chosen"]
+    for method in ("head", "full", "lora", "adalora", "topo"):
+        assert lr_for(method, lrs, args.lora_rank) == pytest.approx(chosen[method]), method
