@@ -316,3 +316,20 @@ def test_adapt_takes_the_step_scale_and_refuses_a_fraction_outside_zero_to_one(t
             main(["adapt", "--model", tiny_bert, "--step-scale", bad, "--output-dir", str(tmp_path / "bad")])
         assert raised.value.code == 2
         assert "expected a number in (0, 1]" in capsys.readouterr().err
+
+
+def test_adapt_spends_a_neuron_budget_and_fills_it_only_with_one(tiny_bert, tmp_path, capsys):
+    """--neuron-budget chooses positions and neurons by value per parameter within it (the saved config records it,
+    and the layers stay within it); --fill-budget without a budget is a one-line usage error."""
+    out_dir = tmp_path / "budget"
+    args = ["adapt", "--model", tiny_bert, "--num-adapters", "2", "--output-dir", str(out_dir)]
+    assert main([*args, "--neuron-budget", "200", "--fill-budget"]) == 0
+    saved = json.loads((out_dir / "adapter_config.json").read_text())
+    assert saved["neuron_budget"] == 200 and saved["fill_budget"] is True and saved["target_modules"]
+    report = json.loads((out_dir / "topo_report.json").read_text())
+    widths = {s["name"]: s["num_features"] for s in report["scores"]}  # a neuron costs d + 1 on a token stream
+    spent = sum(r["num_neurons"] * widths[r["position"]] for r in report["insertions"] if r["accepted"])
+    assert 0 < spent <= 200
+    capsys.readouterr()
+    assert main([*args, "--fill-budget"]) == 2
+    assert "give --neuron-budget N too" in capsys.readouterr().err

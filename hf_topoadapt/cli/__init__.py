@@ -431,6 +431,18 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> None:
         help="score every position again after each insertion, as in the paper (default: off, all layers from one "
         "scoring round: num-adapters times fewer scoring passes, chosen on validation)",
     )
+    group.add_argument(
+        "--neuron-budget",
+        type=positive_int,
+        default=None,
+        help="trainable parameters the layers may take together: positions and neurons then go by value per "
+        "parameter, at most --num-adapters positions (default: none, --num-adapters layers sized by the eps_s rule)",
+    )
+    group.add_argument(
+        "--fill-budget",
+        action="store_true",
+        help="with --neuron-budget: open further positions for what full ones leave of the budget",
+    )
     group.add_argument("--solver", choices=SOLVERS, default="auto", help="eigen-solver (default: %(default)s)")
     parser.add_argument(
         "--output-dir",
@@ -455,6 +467,8 @@ def load_hint(calibration: Calibration, base: str, output_dir: Path) -> str:
 def run_adapt(args: argparse.Namespace) -> int:
     from ..model import get_topo_model
 
+    if args.fill_budget and args.neuron_budget is None:  # before the model loads: a usage error, not a traceback
+        raise CLIError("--fill-budget spends what --neuron-budget leaves unspent: give --neuron-budget N too")
     calibration = load_calibration(args)
     model = calibration.model
     # A classification head is new or retrained for the task, so it trains in full and is saved with the
@@ -468,6 +482,8 @@ def run_adapt(args: argparse.Namespace) -> int:
         include_embeddings=args.include_embeddings,
         step_scale=args.step_scale,
         score_once=not args.greedy,
+        neuron_budget=args.neuron_budget,
+        fill_budget=args.fill_budget,
         solver=args.solver,
         block_path=args.block_path,
         seed=args.seed,
