@@ -149,8 +149,8 @@ def main(argv=None) -> dict:
         own = [r for r in results if r.lora_rank == recipe_args.lora_rank]
         # the report keeps the methods of earlier calls beside this call's
         earlier = {r.method for r in load_runs(f"{stem}_runs.jsonl").values() if r.lora_rank == recipe_args.lora_rank}
-        methods = [*args.methods, *(m for m in DEFAULT_METHODS if m in earlier and m not in args.methods)]
-        methods += sorted(earlier - set(methods))
+        methods = [m for m in DEFAULT_METHODS if m in earlier or m in args.methods]
+        methods += [m for m in args.methods if m not in methods] + sorted(earlier - set(methods) - set(args.methods))
         every = argparse.Namespace(**{**vars(args), "methods": methods})
         table = choose(grid_runs(own, f"{stem}_runs.jsonl", every), methods)
         chosen = write_report(stem, {None: table}, args.recipe, setup.epochs, "")

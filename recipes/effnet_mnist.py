@@ -36,10 +36,10 @@ from .experiment import Task, run_experiment
 # LoRA at ranks 4 and 8 from transfer_lr_grid_effnet_mnist_ranks.md: at r=1's rate it diverged on some seeds there
 # (r=8: validation 0.27 at 1e-2 against 0.77 at 3e-3). Today's default `topo` at r=1 (the recipe's rank) chose 1e-2
 # on 5 seeds (0.694 ± 0.057 against 3e-3's 0.692 ± 0.108), and 3e-3 at r=2, 4 and 8; its variants (the ablations,
-# topo_grown) keep 3e-3, the rate they were measured at.
+# topo_grown) keep 3e-3, the rate they were measured at. AdaLoRA chose 1e-2 at r=2 and r=8, 3e-2 at r=4.
 EFFNET_LRS = {
     "head": 1e-1, "full": 3e-4, "peft": 3e-3, "lora": 1e-2, "adalora": 3e-2, "lora@r4": 3e-3, "lora@r8": 3e-3,
-    "topo@r1": 1e-2,
+    "topo@r1": 1e-2, "adalora@r2": 1e-2, "adalora@r8": 1e-2,
 }  # fmt: skip
 DEFAULTS = {
     "per_class": [10, 50],

@@ -36,7 +36,10 @@ DEFAULTS = {
     "lora_targets": ["query", "value"],
     # chosen on validation: benchmarks/results/transfer_lr_grid_minilm_topics.md, and at the other ranks
     # transfer_lr_grid_minilm_topics_ranks.md (topo at r=8: three rates tie at 0.969 and the rule takes the lowest)
-    "lrs": {"head": 2e-2, "full": 2e-4, "peft": 1e-2, "lora": 1e-2, "adalora": 2e-2, "lora@r1": 2e-2, "topo@r8": 5e-3},
+    "lrs": {
+        "head": 2e-2, "full": 2e-4, "peft": 1e-2, "lora": 1e-2, "adalora": 2e-2, "lora@r1": 2e-2, "topo@r8": 5e-3,
+        "adalora@r8": 1e-2,
+    },  # fmt: skip
     "output_dir": "outputs/minilm_topics",
 }
 
