@@ -147,10 +147,8 @@ def main(argv=None) -> dict:
     chosen = {}
     if recipe_args.lora_rank in ranks:
         own = [r for r in results if r.lora_rank == recipe_args.lora_rank]
-        # the report keeps the methods of earlier calls beside this call's
         earlier = {r.method for r in load_runs(f"{stem}_runs.jsonl").values() if r.lora_rank == recipe_args.lora_rank}
-        methods = [m for m in DEFAULT_METHODS if m in earlier or m in args.methods]
-        methods += [m for m in args.methods if m not in methods] + sorted(earlier - set(methods) - set(args.methods))
+        methods = report_methods(args.methods, earlier)
         every = argparse.Namespace(**{**vars(args), "methods": methods})
         table = choose(grid_runs(own, f"{stem}_runs.jsonl", every), methods)
         chosen = write_report(stem, {None: table}, args.recipe, setup.epochs, "")
@@ -162,6 +160,13 @@ def main(argv=None) -> dict:
         flags = f" --methods {' '.join(methods)} --ranks {' '.join(map(str, grid_ranks))}"
         chosen |= write_report(f"{stem}_ranks", tables, args.recipe, setup.epochs, flags)
     return chosen
+
+
+def report_methods(methods: list[str], earlier: set[str]) -> list[str]:
+    """The methods of the recipe's own report: this call's beside those of earlier calls (a call for one method
+    rewrites the report, and must not drop the others' rows), in DEFAULT_METHODS' order, then the rest."""
+    ordered = [m for m in DEFAULT_METHODS if m in earlier or m in methods]
+    return ordered + [m for m in methods if m not in ordered] + sorted(earlier - set(ordered) - set(methods))
 
 
 def other_rank_runs(path: str, recipe: str, own_rank: int) -> list:

@@ -131,3 +131,11 @@ def test_the_recipes_train_at_the_rates_their_own_rank_chose(recipe):
         chosen = json.load(f)["chosen"]
     for method in ("head", "full", "lora", "adalora", "topo"):
         assert lr_for(method, lrs, args.lora_rank) == pytest.approx(chosen[method]), method
+
+
+def test_a_call_for_one_method_keeps_the_others_rows_in_the_recipes_report():
+    from benchmarks.transfer_lr_grid import report_methods
+
+    earlier = {"head", "lora", "topo", "topo_full_step"}
+    assert report_methods(["topo"], earlier) == ["head", "lora", "topo", "topo_full_step"]
+    assert report_methods(["topo+optimized"], {"lora"}) == ["lora", "topo+optimized"]
