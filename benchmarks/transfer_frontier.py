@@ -251,9 +251,8 @@ def report(recipes, output_dir: str) -> dict:
         "trained model. Learning rates per method were chosen on validation at the recipe's rank "
         "(transfer_lr_grid_<recipe>.md), and LoRA's, AdaLoRA's and topo's again at every other rank "
         "(transfer_lr_grid_<recipe>_ranks.md): a rate chosen at one rank made LoRA diverge at another. "
-        "The topo, LoRA and topo_greedy (the previous default) rows ran on one machine, and on EfficientNet and the "
-        "ViT the other ablations and the head-only and full references too, and AdaLoRA where its rank chose a rate "
-        "of its own; AdaLoRA's other ranks, topo_grown and MiniLM's other rows ran on earlier ones. The same "
+        "The topo, LoRA, ablation and head-only and full reference rows ran on one machine, and AdaLoRA where its "
+        "rank chose a rate of its own; AdaLoRA's other ranks and topo_grown ran on earlier ones. The same "
         "EfficientNet run can end several points apart on two machines (setup_stability.md); the earlier runs are "
         "kept in transfer_frontier_<recipe>_earlier_machine_runs.jsonl. "
         "Regenerate with `python benchmarks/transfer.py --frontier`.",
