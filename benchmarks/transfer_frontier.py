@@ -76,15 +76,20 @@ def reuse_earlier_runs(recipe: str, output_dir: str, runs_file: str, lrs: dict) 
     return added
 
 
-def run_recipe(
-    recipe: str, seeds: list[int], threads: int, output_dir: str, only: list[str] | None = None, reuse: bool = True
-) -> None:
+def recipe_setup(recipe: str, threads: int):
+    """A recipe's task, default arguments, Trainer settings (no progress bars) and learning rates."""
     _, task, recipe_args = recipe_task(recipe, threads)
     from recipes.cli import recipe_lrs, training_setup
 
     setup = training_setup(recipe_args)
     setup.progress = False
-    lrs = recipe_lrs(recipe_args)
+    return task, recipe_args, setup, recipe_lrs(recipe_args)
+
+
+def run_recipe(
+    recipe: str, seeds: list[int], threads: int, output_dir: str, only: list[str] | None = None, reuse: bool = True
+) -> None:
+    task, recipe_args, setup, lrs = recipe_setup(recipe, threads)
     runs_file = os.path.join(output_dir, f"transfer_frontier_{recipe}_runs.jsonl")
     if reuse:
         print(
@@ -109,12 +114,7 @@ def run_recipe(
 def run_candidate(recipe: str, method: str, seeds: list[int], threads: int, output_dir: str, ranks) -> list[str]:
     """A default's candidate (a lever that passed a round) at every rank before it is adopted: what it spends of each
     budget and what it scores, in transfer_frontier_<recipe>_candidates_runs.jsonl under its own name."""
-    _, task, recipe_args = recipe_task(recipe, threads)
-    from recipes.cli import recipe_lrs, training_setup
-
-    setup = training_setup(recipe_args)
-    setup.progress = False
-    lrs = recipe_lrs(recipe_args)
+    task, recipe_args, setup, lrs = recipe_setup(recipe, threads)
     lines = []
     for rank in ranks:
         results = run_experiment(

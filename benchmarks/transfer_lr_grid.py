@@ -96,15 +96,16 @@ def _summary(runs) -> dict:
     }  # fmt: skip
 
 
-def grid_runs(results, path: str, args) -> list:
+def grid_runs(results, path: str, args, methods: list[str] | None = None) -> list:
     """This call's runs and every other run of the same grid already in the runs file (other seeds): a method's
-    choice uses all the seeds it has."""
+    choice uses all the seeds it has. `methods`: the methods kept (default: this call's)."""
+    methods = methods or args.methods
     runs = {(r.method, r.per_class, r.seed, r.lr, r.lora_rank): r for r in load_runs(path).values()}
     runs.update({(r.method, r.per_class, r.seed, r.lr, r.lora_rank): r for r in results})
     ranks = {r.lora_rank for r in results}
     return [
         r for r in runs.values()
-        if r.method in args.methods and r.per_class == SMALLEST[args.recipe] and r.lora_rank in ranks
+        if r.method in methods and r.per_class == SMALLEST[args.recipe] and r.lora_rank in ranks
         and any(math.isclose(r.lr, lr) for lr in args.lrs or GRIDS[args.recipe][family(r.method)])
     ]  # fmt: skip
 
@@ -150,8 +151,7 @@ def main(argv=None) -> dict:
         own = [r for r in results if r.lora_rank == recipe_args.lora_rank]
         earlier = {r.method for r in load_runs(f"{stem}_runs.jsonl").values() if r.lora_rank == recipe_args.lora_rank}
         methods = report_methods(args.methods, earlier)
-        every = argparse.Namespace(**{**vars(args), "methods": methods})
-        table = choose(grid_runs(own, f"{stem}_runs.jsonl", every), methods)
+        table = choose(grid_runs(own, f"{stem}_runs.jsonl", args, methods), methods)
         chosen = write_report(stem, {None: table}, args.recipe, setup.epochs, "")
     others = [rank for rank in ranks if rank != recipe_args.lora_rank]
     if others:
