@@ -148,7 +148,7 @@ def summarise(recipe: str, output_dir: str) -> dict | None:
     lrs = recipe_lrs(recipe_args)
     groups: dict[tuple[str, int], list] = {}
     for r in load_runs(runs_file).values():
-        if r.per_class != SMALLEST[recipe]:
+        if r.per_class != SMALLEST[recipe] or r.epochs != recipe_args.epochs:  # another training length
             continue
         rank = r.lora_rank if r.method not in REFERENCE else 0
         # the rate chosen on validation (at this budget where the recipe has one), not the grid's others
@@ -165,7 +165,9 @@ def summarise(recipe: str, output_dir: str) -> dict | None:
             "train_seconds_per_epoch": statistics.fmean(r.train_seconds_per_epoch for r in runs),
             "positions": [r.positions for r in sorted(runs, key=lambda r: r.seed)],
         }  # fmt: skip
-    return {"recipe": recipe, "per_class": SMALLEST[recipe], "rows": rows, "goal": goal(rows)}
+    return {
+        "recipe": recipe, "per_class": SMALLEST[recipe], "epochs": recipe_args.epochs, "rows": rows, "goal": goal(rows)
+    }  # fmt: skip
 
 
 def goal(rows: dict) -> dict:
@@ -261,7 +263,7 @@ def report(recipes, output_dir: str) -> dict:
     for recipe, s in summaries.items():
         rows = s["rows"]
         seeds = sorted({seed for r in rows.values() for seed in r["seeds"]})
-        lines += [f"## {recipe} ({s['per_class']} per class, seeds {seeds})", ""]
+        lines += [f"## {recipe} ({s['per_class']} per class, {s['epochs']} epochs, seeds {seeds})", ""]
         lines += ["| method | " + " | ".join(f"r={r}" for r in RANKS) + " |", "|---|" + "---:|" * len(RANKS)]
         for method in CURVES:
             lines.append(f"| {method} | " + " | ".join(cell(rows.get(f"{method}@{r}")) for r in RANKS) + " |")

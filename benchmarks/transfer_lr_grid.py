@@ -96,11 +96,13 @@ def _summary(runs) -> dict:
     }  # fmt: skip
 
 
-def grid_runs(results, path: str, args, methods: list[str] | None = None) -> list:
+def grid_runs(results, path: str, args, methods: list[str] | None = None, epochs: int | None = None) -> list:
     """This call's runs and every other run of the same grid already in the runs file (other seeds): a method's
-    choice uses all the seeds it has. `methods`: the methods kept (default: this call's)."""
+    choice uses all the seeds it has. `methods`: the methods kept (default: this call's); `epochs`: the training
+    length kept (default: every one; a run of another length is another grid)."""
     methods = methods or args.methods
-    runs = {(r.method, r.per_class, r.seed, r.lr, r.lora_rank): r for r in load_runs(path).values()}
+    earlier = [r for r in load_runs(path).values() if epochs is None or r.epochs == epochs]
+    runs = {(r.method, r.per_class, r.seed, r.lr, r.lora_rank): r for r in earlier}
     runs.update({(r.method, r.per_class, r.seed, r.lr, r.lora_rank): r for r in results})
     ranks = {r.lora_rank for r in results}
     return [
@@ -149,13 +151,16 @@ def main(argv=None) -> dict:
     chosen = {}
     if recipe_args.lora_rank in ranks:
         own = [r for r in results if r.lora_rank == recipe_args.lora_rank]
-        earlier = {r.method for r in load_runs(f"{stem}_runs.jsonl").values() if r.lora_rank == recipe_args.lora_rank}
+        earlier = {
+            r.method for r in load_runs(f"{stem}_runs.jsonl").values()
+            if r.lora_rank == recipe_args.lora_rank and r.epochs == setup.epochs
+        }  # fmt: skip
         methods = report_methods(args.methods, earlier)
-        table = choose(grid_runs(own, f"{stem}_runs.jsonl", args, methods), methods)
+        table = choose(grid_runs(own, f"{stem}_runs.jsonl", args, methods, setup.epochs), methods)
         chosen = write_report(stem, {None: table}, args.recipe, setup.epochs, "")
     others = [rank for rank in ranks if rank != recipe_args.lora_rank]
     if others:
-        runs = other_rank_runs(f"{stem}_runs.jsonl", args.recipe, recipe_args.lora_rank)
+        runs = other_rank_runs(f"{stem}_runs.jsonl", args.recipe, recipe_args.lora_rank, setup.epochs)
         methods, grid_ranks = sorted({r.method for r in runs}), sorted({r.lora_rank for r in runs})
         tables = {rank: choose(runs, methods, rank) for rank in grid_ranks}
         flags = f" --methods {' '.join(methods)} --ranks {' '.join(map(str, grid_ranks))}"
@@ -170,11 +175,11 @@ def report_methods(methods: list[str], earlier: set[str]) -> list[str]:
     return ordered + [m for m in methods if m not in ordered] + sorted(earlier - set(ordered) - set(methods))
 
 
-def other_rank_runs(path: str, recipe: str, own_rank: int) -> list:
-    """Every grid run in the runs file at a LoRA rank other than the recipe's own."""
+def other_rank_runs(path: str, recipe: str, own_rank: int, epochs: int | None = None) -> list:
+    """Every grid run in the runs file at a LoRA rank other than the recipe's own (of `epochs` when given)."""
     return [
         r for r in load_runs(path).values()
-        if r.lora_rank != own_rank and r.per_class == SMALLEST[recipe]
+        if r.lora_rank != own_rank and r.per_class == SMALLEST[recipe] and epochs in (None, r.epochs)
         and any(math.isclose(r.lr, lr) for lr in GRIDS[recipe][family(r.method)])
     ]  # fmt: skip
 

@@ -101,3 +101,19 @@ def test_a_rank_with_its_own_rate_is_summarised_at_that_rate(tmp_path, lrs, monk
     assert rows["lora@8"]["accuracy_mean"] == pytest.approx(0.7) and rows["lora@8"]["lr"] == pytest.approx(lora_lr / 10)
     assert rows["lora@2"]["lr"] == pytest.approx(lora_lr)
     assert tf.rates_line(rows).startswith(f"lora -, {lora_lr:g}, -, {lora_lr / 10:g}; adalora -, -, -, -")
+
+
+def test_runs_of_another_training_length_are_left_out(tmp_path, lrs):
+    epochs = tf.recipe_task(RECIPE, 1, load=False)[2].epochs
+    same = [run("lora", seed, 2, 0.6, lr_for("lora", lrs)) for seed in range(2)]
+    longer = [run("lora", seed, 2, 0.9, lr_for("lora", lrs)) for seed in range(3)]
+    for r in same:
+        r.epochs = epochs
+    for r in longer:
+        r.epochs = epochs * 3
+    write(tmp_path / f"transfer_frontier_{RECIPE}_runs.jsonl", same + longer)
+    summary = tf.summarise(RECIPE, str(tmp_path))
+    assert summary["rows"]["lora@2"]["seeds"] == [0, 1] and summary["rows"]["lora@2"]["accuracy_mean"] == 0.6
+    assert summary["epochs"] == epochs
+    tf.report([RECIPE], str(tmp_path))
+    assert f"({SIZE} per class, {epochs} epochs, seeds [0, 1])" in (tmp_path / "transfer_frontier.md").read_text()

@@ -139,3 +139,22 @@ def test_a_call_for_one_method_keeps_the_others_rows_in_the_recipes_report():
     earlier = {"head", "lora", "topo", "topo_full_step"}
     assert report_methods(["topo"], earlier) == ["head", "lora", "topo", "topo_full_step"]
     assert report_methods(["topo+optimized"], {"lora"}) == ["lora", "topo+optimized"]
+
+
+def test_runs_of_another_training_length_are_another_grid(tmp_path):
+    import argparse
+    import json
+    from dataclasses import asdict
+
+    from benchmarks.transfer_lr_grid import grid_runs, other_rank_runs
+
+    path = tmp_path / "runs.jsonl"
+    short = [run("topo", 3, 0.003, 0.9, [0.8]), ranked("lora", 0, 0.03, 0.7, 4)]  # 1 epoch
+    long = [run("topo", 4, 0.003, 0.5, [0.8, 0.7, 0.6]), ranked("lora", 1, 0.01, 0.6, 4)]
+    long[1].epochs = 3
+    path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in short + long))
+    args = argparse.Namespace(methods=["topo"], recipe="vit_digits", lrs=None)
+    now = [run("topo", 0, 0.003, 0.6, [1.0, 0.9, 0.8])]
+    assert sorted(r.seed for r in grid_runs(now, str(path), args, epochs=3)) == [0, 4]
+    assert sorted(r.seed for r in grid_runs(now, str(path), args)) == [0, 3, 4]  # no length given: every run
+    assert [r.seed for r in other_rank_runs(str(path), "vit_digits", own_rank=0, epochs=3)] == [1]
