@@ -157,7 +157,12 @@ ROUND18_LEVERS = ("value_budget+fill", "budget+fill")
 # The topo rate each round ran at, per recipe (the recipes' rate of the time): a run at another rate is not the round's.
 RATES_THEN = {"minilm_topics": 1e-2, "effnet_mnist": 3e-3, "vit_digits": 3e-2}
 RATES_ROUND3 = {"minilm_topics": 1e-2, "effnet_mnist": 1e-2, "vit_digits": 1e-2}
-RATES_NOW = {"minilm_topics": 1e-2, "effnet_mnist": 3e-3, "vit_digits": 1e-2}
+RATES_NOW = {"minilm_topics": 1e-2, "effnet_mnist": 3e-3, "vit_digits": 1e-2}  # rounds 4-18
+# Rounds 1-18 trained EfficientNet for 10 epochs, its recipe's length until transfer_epochs.md found its runs cut short
+# (now 30, with rates chosen again): a rerun of those rounds keeps their length and rate, and a new round runs at the
+# recipe's new ones.
+EPOCHS_THEN = {"effnet_mnist": 10}
+LAST_ROUND_AT_EPOCHS_THEN = 18
 # "base": the reference runs; "prefix": what the levers are added to. Round 2's reference is the same configuration as
 # round 1's `no_embeddings` row under another name, run again with round 2's code: on EfficientNet the older runs give
 # other neuron counts on 2 of 3 seeds checked (they predate a change on its wide positions; the ViT's are identical).
@@ -221,6 +226,12 @@ def round_lrs(lrs: dict, methods: list[str], recipe: str, number: int) -> dict:
     return {**lrs, **{m: ROUNDS[number]["rates"][recipe] for m in methods if m != "lora"}}
 
 
+def round_epochs(recipe: str, number: int, recipe_epochs: int) -> int:
+    """The training length a round ran at: the recipe's, or the earlier one for the rounds measured before it
+    changed."""
+    return EPOCHS_THEN.get(recipe, recipe_epochs) if number <= LAST_ROUND_AT_EPOCHS_THEN else recipe_epochs
+
+
 def run_recipe(recipe: str, methods: list[str], seeds: list[int], args) -> None:
     from recipes.cli import recipe_lrs, training_setup
     from recipes.experiment import run_experiment
@@ -228,6 +239,7 @@ def run_recipe(recipe: str, methods: list[str], seeds: list[int], args) -> None:
     _, task, recipe_args = recipe_task(recipe, args.threads)
     setup = training_setup(recipe_args)
     setup.progress = False
+    setup.epochs = round_epochs(recipe, args.round, setup.epochs)
     lrs = round_lrs(recipe_lrs(recipe_args), methods, recipe, args.round)
     run_experiment(
         task, methods, [SMALLEST[recipe]], seeds, setup, lrs=lrs,

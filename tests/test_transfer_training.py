@@ -128,7 +128,9 @@ def test_round_four_measures_the_recipes_default_at_the_recipes_current_rates():
         tt.with_lever("step=0.1", spec["prefix"])
     )
     now = {recipe: importlib.import_module(f"recipes.{recipe}").DEFAULTS["lrs"]["peft"] for recipe in tt.RECIPES}
-    assert spec["rates"] == now
+    # a recipe whose length changed since (transfer_epochs.md) chose its rates again; the rounds keep theirs
+    changed = set(tt.EPOCHS_THEN)
+    assert {r: v for r, v in spec["rates"].items() if r not in changed} == {r: now[r] for r in now if r not in changed}
     assert all(lever.startswith("step=") for lever in spec["levers"])
 
 
@@ -194,3 +196,17 @@ def test_a_round_with_its_own_runs_file_reads_it_and_a_vetoed_lever_is_not_adopt
     assert measured["adopt"] == [] and "unspent" in measured["vetoed"]["budget+max_neurons=64"]
     assert any("passed the rule and is not adopted" in line for line in tt.round_section(measured, list(tt.RECIPES)))
     assert tt.measure_round(16, list(tt.RECIPES), str(tmp_path))["vetoed"] == {}
+
+
+def test_rounds_measured_at_an_earlier_length_rerun_at_it():
+    """EfficientNet trained 10 epochs until transfer_epochs.md; rounds 1-18 were measured there and rerun there (their
+    stored runs are 10-epoch runs), a new round trains at the recipe's length."""
+    import importlib
+
+    epochs = importlib.import_module("recipes.effnet_mnist").DEFAULTS["epochs"]
+    assert epochs != tt.EPOCHS_THEN["effnet_mnist"]
+    assert tt.round_epochs("effnet_mnist", 4, epochs) == tt.round_epochs("effnet_mnist", 18, epochs) == 10
+    assert tt.round_epochs("effnet_mnist", tt.LAST_ROUND_AT_EPOCHS_THEN + 1, epochs) == epochs
+    assert tt.round_epochs("vit_digits", 4, 10) == 10
+    with open(tt.runs_path(os.path.join(ROOT, "benchmarks", "results"), "effnet_mnist")) as f:
+        assert {json.loads(line)["epochs"] for line in f if line.strip()} == {10}
