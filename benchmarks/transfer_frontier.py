@@ -56,15 +56,16 @@ def lever_name(levers) -> str:
     return "topo+" + "+".join(sorted(levers))
 
 
-def reuse_earlier_runs(recipe: str, output_dir: str, runs_file: str, lrs: dict) -> int:
+def reuse_earlier_runs(recipe: str, output_dir: str, runs_file: str, lrs: dict, epochs: int | None = None) -> int:
     """Copies into the frontier's runs file the baseline runs (head, full, LoRA, AdaLoRA) of the lr grid and the
-    lever selection with this plan's settings. Topo runs are never reused: what they computed changed with the
-    defaults and the solvers of their day (eigenvector signs, the neuron cap). Returns how many."""
+    lever selection with this plan's settings (and training length, when given). Topo runs are never reused: what
+    they computed changed with the defaults and the solvers of their day (eigenvector signs, the neuron cap). Returns
+    how many."""
     have = load_runs(runs_file)
     added = 0
     for source in (f"transfer_lr_grid_{recipe}_runs.jsonl", f"transfer_levers_{recipe}_runs.jsonl"):
         for result in load_runs(os.path.join(output_dir, source)).values():
-            if result.method.startswith(("topo", "bottleneck")):
+            if result.method.startswith(("topo", "bottleneck")) or epochs not in (None, result.epochs):
                 continue
             same_rate = math.isclose(result.lr, lr_for(result.method, lrs, result.lora_rank))
             if result.key in have or not same_rate:
@@ -92,9 +93,8 @@ def run_recipe(
     task, recipe_args, setup, lrs = recipe_setup(recipe, threads)
     runs_file = os.path.join(output_dir, f"transfer_frontier_{recipe}_runs.jsonl")
     if reuse:
-        print(
-            f"{recipe}: {reuse_earlier_runs(recipe, output_dir, runs_file, lrs)} runs reused from the grid and levers"
-        )
+        reused = reuse_earlier_runs(recipe, output_dir, runs_file, lrs, setup.epochs)
+        print(f"{recipe}: {reused} runs reused from the grid and levers")
     # the r=2 comparison first, then the ends of the frontier: an interrupted run has reported what matters most
     plan = {rank: list(CURVES) for rank in sorted(RANKS, key=lambda r: (r != ABLATION_RANK, -r))}
     plan[ABLATION_RANK] += ablations()

@@ -60,6 +60,10 @@ def test_reuse_takes_baseline_runs_at_the_chosen_rates_and_never_topo_runs(tmp_p
     expected = sorted([("lora", lora_lr), ("head", head_lr)])
     assert methods == expected and added == len(expected)
     assert tf.reuse_earlier_runs(RECIPE, str(tmp_path), str(runs_file), lrs) == 0  # nothing twice
+    shorter = run("lora", 1, 2, 0.6, lora_lr)
+    shorter.epochs = 3
+    write(tmp_path / f"transfer_lr_grid_{RECIPE}_runs.jsonl", [shorter])
+    assert tf.reuse_earlier_runs(RECIPE, str(tmp_path), str(runs_file), lrs, epochs=10) == 0  # another length
 
 
 def test_goal_and_report(tmp_path, lrs):
