@@ -102,6 +102,19 @@ def choose_length(runs, plan: dict) -> dict:
     return {"rows": rows, "chosen": chosen}
 
 
+def alone(chosen: dict) -> str:
+    """The length each method's own validation would choose by the same rule: the choice's dependence on who is
+    asked."""
+    rows = chosen["rows"]
+    if not rows:
+        return "-"
+    parts = []
+    for method in next(iter(rows.values()))["methods"]:
+        means = {e: row["methods"][method]["validation_mean"] for e, row in rows.items()}
+        parts.append(f"{method} {min(e for e, m in means.items() if m >= max(means.values()) - TIE)}")
+    return ", ".join(parts)
+
+
 def report(output_dir: str) -> dict:
     result = {"truncation": {}, "lengths": {}}
     for recipe, name in EARLIER_RUNS.items():
@@ -150,7 +163,7 @@ def report(output_dir: str) -> dict:
                 for m in row["methods"].values()
             ]
             lines.append(f"| {epochs} | {' | '.join(cells)} | {row['mean']:.3f} |")
-        lines += ["", f"**Chosen: {chosen['chosen']} epochs.**"]
+        lines += ["", f"**Chosen: {chosen['chosen']} epochs.** Each method alone would choose: {alone(chosen)}."]
     with open(os.path.join(output_dir, "transfer_epochs.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(output_dir, "transfer_epochs.json"), "w") as f:

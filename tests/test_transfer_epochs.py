@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.transfer_epochs import SEEDS, choose_length, truncation  # noqa: E402
+from benchmarks.transfer_epochs import SEEDS, alone, choose_length, truncation  # noqa: E402
 from recipes.experiment import RunResult  # noqa: E402
 
 
@@ -37,6 +37,7 @@ def test_the_shortest_length_within_a_point_of_the_best_is_chosen():
     chosen = choose_length(runs, plan)
     assert chosen["rows"][30]["mean"] == pytest.approx(0.84)
     assert chosen["chosen"] == 30  # 50 is better by half a point: within the tie
+    assert alone(chosen) == "lora 50, topo 30"  # LoRA alone gains 3 points at 50
     accuracy[50] = (0.88, 0.86)
     runs = [r for r in runs if r.epochs != 50] + [
         run(m, s, 50, accuracy[50][i], 50) for i, m in enumerate(plan["rates"]) for s in SEEDS
