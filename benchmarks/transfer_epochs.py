@@ -95,11 +95,13 @@ def choose_length(runs, plan: dict) -> dict:
         if len(methods) == len(plan["rates"]):
             mean = statistics.fmean(m["validation_mean"] for m in methods.values())
             rows[epochs] = {"methods": methods, "mean": mean}
-    if not rows:
-        return {"rows": rows, "chosen": None}
-    best = max(row["mean"] for row in rows.values())
-    chosen = min(e for e, row in rows.items() if row["mean"] >= best - TIE)
+    chosen = shortest_near_best({e: row["mean"] for e, row in rows.items()}) if rows else None
     return {"rows": rows, "chosen": chosen}
+
+
+def shortest_near_best(means: dict[int, float]) -> int:
+    """The shortest length whose mean is within TIE of the best one."""
+    return min(e for e, m in means.items() if m >= max(means.values()) - TIE)
 
 
 def alone(chosen: dict) -> str:
@@ -111,7 +113,7 @@ def alone(chosen: dict) -> str:
     parts = []
     for method in next(iter(rows.values()))["methods"]:
         means = {e: row["methods"][method]["validation_mean"] for e, row in rows.items()}
-        parts.append(f"{method} {min(e for e, m in means.items() if m >= max(means.values()) - TIE)}")
+        parts.append(f"{method} {shortest_near_best(means)}")
     return ", ".join(parts)
 
 
