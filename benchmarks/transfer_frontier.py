@@ -164,6 +164,7 @@ def summarise(recipe: str, output_dir: str) -> dict | None:
             "setup_seconds": statistics.fmean(r.setup_seconds for r in runs),
             "train_seconds_per_epoch": statistics.fmean(r.train_seconds_per_epoch for r in runs),
             "positions": [r.positions for r in sorted(runs, key=lambda r: r.seed)],
+            "accuracy_by_seed": {r.seed: r.accuracy for r in runs},
         }  # fmt: skip
     return {
         "recipe": recipe, "per_class": SMALLEST[recipe], "epochs": recipe_args.epochs, "rows": rows, "goal": goal(rows)
@@ -185,8 +186,12 @@ def goal(rows: dict) -> dict:
             setup.append(ours["setup_seconds"] / max(ours["train_seconds_per_epoch"], 1e-9))
         if not margins:
             continue
+        paired = {rank: paired_difference(rows[f"{method}@{rank}"], rows[f"lora@{rank}"]) for rank in margins}
+        pooled = [d for rank in margins for d in seed_differences(rows[f"{method}@{rank}"], rows[f"lora@{rank}"])]
         out[method] = {
             "margin_by_rank": margins,
+            "paired_by_rank": paired,
+            "pooled": _mean_and_error(pooled),
             "above_lora_everywhere": all(m > 0 for m in margins.values()),
             "margin_at_r2_met": margins.get(ABLATION_RANK, -1) >= GOAL_MARGIN,
             "never_worse_than_1_point": min(margins.values()) >= -GOAL_TOLERANCE,
@@ -195,6 +200,22 @@ def goal(rows: dict) -> dict:
             "setup_within_2_epochs": max(setup) <= 2.0,
         }
     return out
+
+
+def seed_differences(ours: dict, lora: dict) -> list[float]:
+    """Per seed both ran: our accuracy minus LoRA's (the seed fixes the training examples and the head's draw)."""
+    theirs = {int(seed): acc for seed, acc in lora["accuracy_by_seed"].items()}
+    return [acc - theirs[int(seed)] for seed, acc in ours["accuracy_by_seed"].items() if int(seed) in theirs]
+
+
+def _mean_and_error(values: list[float]) -> dict:
+    """Mean, its standard error and the count: whether a margin is more than the seeds' noise."""
+    error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return {"mean": statistics.fmean(values) if values else math.nan, "error": error, "n": len(values)}
+
+
+def paired_difference(ours: dict, lora: dict) -> dict:
+    return _mean_and_error(seed_differences(ours, lora))
 
 
 def plot(summary: dict, path: str) -> None:
@@ -230,6 +251,11 @@ def cell(row: dict | None) -> str:
     if row is None:
         return "-"
     return f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} ({row['trainable']:,})"
+
+
+def points(difference: dict) -> str:
+    error = "" if math.isnan(difference["error"]) else f" ± {100 * difference['error']:.1f}"
+    return f"{100 * difference['mean']:+.1f}{error}"
 
 
 def rates_line(rows: dict) -> str:
@@ -285,9 +311,10 @@ def report(recipes, output_dir: str) -> dict:
                 )
         lines += ["", "Goal (issue 9), per topo method:", ""]
         for method, g in s["goal"].items():
-            margins = ", ".join(f"r={r} {100 * m:+.1f}" for r, m in g["margin_by_rank"].items())
+            margins = ", ".join(f"r={r} {points(d)}" for r, d in g["paired_by_rank"].items())
             lines.append(
-                f"- {method}: points over LoRA {margins}; above LoRA at every rank: "
+                f"- {method}: points over LoRA, paired by seed (mean ± standard error) {margins}; pooled over the "
+                f"ranks {points(g['pooled'])} ({g['pooled']['n']} pairs); above LoRA at every rank: "
                 f"{'yes' if g['above_lora_everywhere'] else 'no'}; >= 2 points at r=2: "
                 f"{'yes' if g['margin_at_r2_met'] else 'no'}; never > 1 point below: "
                 f"{'yes' if g['never_worse_than_1_point'] else 'no'}; spread <= LoRA's at every rank: "

@@ -81,12 +81,18 @@ def test_goal_and_report(tmp_path, lrs):
     assert rows["lora@2"]["accuracy_mean"] == pytest.approx(0.63) and rows["head@0"]["trainable"] == 100
     goal = summary["goal"]["topo"]
     assert goal["margin_by_rank"][2] == pytest.approx(0.04) and goal["margin_at_r2_met"]
+    # paired by seed: 0.05, 0.04, 0.03 at every rank; their standard error is 0.01 / sqrt(3)
+    assert goal["paired_by_rank"][2]["mean"] == pytest.approx(0.04)
+    assert goal["paired_by_rank"][2]["error"] == pytest.approx(0.01 / 3**0.5)
+    assert goal["pooled"]["n"] == 3 * len(goal["margin_by_rank"]) and goal["pooled"]["mean"] == pytest.approx(0.04)
     assert goal["above_lora_everywhere"] and goal["never_worse_than_1_point"]
     assert goal["spread_no_larger"]  # 0 against LoRA's 0.01
     assert goal["setup_in_epochs_max"] == pytest.approx(1.5) and goal["setup_within_2_epochs"]
     tf.report([RECIPE], str(tmp_path))
     text = (tmp_path / "transfer_frontier.md").read_text()
     assert "| topo | 0.660 ± 0.000 (510) |" in text and "head (reference)" in text
+    pooled = f"pooled over the ranks {tf.points(goal['pooled'])} ({goal['pooled']['n']} pairs)"
+    assert "r=2 +4.0 ± 0.6" in text and pooled in text and tf.points(goal["pooled"]).startswith("+4.0 ± ")
     assert (tmp_path / f"transfer_frontier_{RECIPE}.png").stat().st_size > 0
     assert json.loads((tmp_path / "transfer_frontier.json").read_text())[RECIPE]["per_class"] == SIZE
 
