@@ -165,10 +165,18 @@ def summarise(recipe: str, output_dir: str) -> dict | None:
             "train_seconds_per_epoch": statistics.fmean(r.train_seconds_per_epoch for r in runs),
             "positions": [r.positions for r in sorted(runs, key=lambda r: r.seed)],
             "accuracy_by_seed": {r.seed: r.accuracy for r in runs},
+            "test_loss": test_loss(runs),
         }  # fmt: skip
     return {
         "recipe": recipe, "per_class": SMALLEST[recipe], "epochs": recipe_args.epochs, "rows": rows, "goal": goal(rows)
     }  # fmt: skip
+
+
+def test_loss(runs: list) -> tuple[float, float] | None:
+    """Mean and std of the test cross-entropy of the checkpoints chosen by validation accuracy (None where a run
+    predates recording it): how confident the same predictions are, beside how many are right."""
+    losses = [r.test_metrics.get("loss") for r in runs]
+    return None if any(v is None for v in losses) else _stats(losses)
 
 
 def goal(rows: dict) -> dict:
@@ -225,23 +233,31 @@ def plot(summary: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, (ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method, style in zip(CURVES, ("o-", "s--", "^-", "v-"), strict=True):
-        points = sorted((r["trainable"], r["accuracy_mean"], r["accuracy_std"]) for r in rows.values()
-                        if r["method"] == method)  # fmt: skip
+        mine = [r for r in rows.values() if r["method"] == method]
+        points = sorted((r["trainable"], r["accuracy_mean"], r["accuracy_std"]) for r in mine)
         if points:
             xs, ys, es = zip(*points, strict=True)
             ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=method)
+        losses = sorted((r["trainable"], *r["test_loss"]) for r in mine if r.get("test_loss"))
+        if losses:
+            xs, ys, es = zip(*losses, strict=True)
+            loss_ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=method)
     for method, color in zip(REFERENCE, ("grey", "black"), strict=True):
         row = rows.get(f"{method}@0")
         if row:
             ax.axhline(row["accuracy_mean"], color=color, ls=":", label=f"{method} ({row['trainable']:,} params)")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
+            if row.get("test_loss"):
+                loss_ax.axhline(row["test_loss"][0], color=color, ls=":", label=method)
     ax.set_ylabel("test accuracy (mean ± std over seeds)")
-    ax.set_title(f"{summary['recipe']}, {summary['per_class']} per class")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    loss_ax.set_ylabel("test cross-entropy (lower is better)")
+    for a in (ax, loss_ax):
+        a.set_xscale("log")
+        a.set_xlabel("trainable parameters")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.suptitle(f"{summary['recipe']}, {summary['per_class']} per class")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -251,6 +267,12 @@ def cell(row: dict | None) -> str:
     if row is None:
         return "-"
     return f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} ({row['trainable']:,})"
+
+
+def loss_cell(row: dict | None) -> str:
+    if row is None or row.get("test_loss") is None:
+        return "-"
+    return f"{row['test_loss'][0]:.3f} ± {row['test_loss'][1]:.3f}"
 
 
 def points(difference: dict) -> str:
@@ -300,6 +322,11 @@ def report(recipes, output_dir: str) -> dict:
         for method in REFERENCE:
             lines.append(f"| {method} (reference) | {cell(rows.get(f'{method}@0'))} |" + " |" * (len(RANKS) - 1))
         lines += ["", f"Learning rates at r={', '.join(map(str, RANKS))}: {rates_line(rows)}."]
+        lines += ["", "Test loss (cross-entropy of the same checkpoints, lower is better):", ""]
+        lines += ["| method | " + " | ".join(f"r={r}" for r in RANKS) + " |", "|---|" + "---:|" * len(RANKS)]
+        for method in (*CURVES, *REFERENCE):
+            ranks = RANKS if method in CURVES else (0,)
+            lines.append(f"| {method} | " + " | ".join(loss_cell(rows.get(f"{method}@{r}")) for r in ranks) + " |")
         lines += ["", f"Ablations at the r={ABLATION_RANK} budget (validation accuracy beside test):", ""]
         lines += ["| method | test accuracy | validation | setup s | train s/epoch |", "|---|---:|---:|---:|---:|"]
         for method in ["topo", "topo_grown", "lora", *ablations()]:

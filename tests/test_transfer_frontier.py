@@ -72,6 +72,7 @@ def test_goal_and_report(tmp_path, lrs):
         for rank in tf.RANKS:
             runs.append(run("lora", seed, rank, 0.60 + 0.01 * rank + 0.01 * seed, lr_for("lora", lrs), 500 * rank))
             runs.append(run("topo", seed, rank, 0.65 + 0.01 * rank, lr_for("topo", lrs), 510 * rank, setup=1.5))
+            runs[-1].test_metrics = {"loss": 0.5 + 0.1 * seed}
             runs.append(run("topo", seed, rank, 0.1, lr_for("topo", lrs) / 10))  # another rate: not the frontier's
         runs.append(run("head", seed, 1, 0.5, lr_for("head", lrs), 100))
     write(tmp_path / f"transfer_frontier_{RECIPE}_runs.jsonl", runs)
@@ -91,6 +92,8 @@ def test_goal_and_report(tmp_path, lrs):
     tf.report([RECIPE], str(tmp_path))
     text = (tmp_path / "transfer_frontier.md").read_text()
     assert "| topo | 0.660 ± 0.000 (510) |" in text and "head (reference)" in text
+    assert rows["topo@2"]["test_loss"] == pytest.approx((0.6, 0.1)) and rows["lora@2"]["test_loss"] is None
+    assert "| topo | 0.600 ± 0.100 | 0.600 ± 0.100 |" in text and "| lora | - | - |" in text  # no loss recorded: -
     pooled = f"pooled over the ranks {tf.points(goal['pooled'])} ({goal['pooled']['n']} pairs)"
     assert "r=2 +4.0 ± 0.6" in text and pooled in text and tf.points(goal["pooled"]).startswith("+4.0 ± ")
     assert (tmp_path / f"transfer_frontier_{RECIPE}.png").stat().st_size > 0
