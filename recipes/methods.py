@@ -76,12 +76,14 @@ LEVERS: dict[str, dict] = {
 # (TopoAdapterConfig.step_decrease), which depends on the gain alone, not on a bumpy loss curve's lowest grid point.
 # `head_rate=R`: the head at R times the method's rate, the topo layers at the method's (`head_lr` puts the head at
 # the recipe's head-only rate, up to 33x the topo rate, too fast beside layers that change its inputs).
+# `grow_every=N`: a grown method inserts a layer every N epochs instead of GROW_EVERY (one-shot methods have no
+# schedule and refuse it).
 VALUE_LEVERS: dict[str, str] = {
     "step": "step_scale", "decrease": "step_decrease", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters",
     "optimize_tol": "optimize_tol", "max_neurons": "max_neurons",
-    "kernel": "kernel_size", "direction": "direction_scale", "head_rate": "head_lr_ratio",
+    "kernel": "kernel_size", "direction": "direction_scale", "head_rate": "head_lr_ratio", "grow_every": "grow_every",
 }  # fmt: skip
-WHOLE_LEVERS = ("num_adapters", "kernel_size", "max_neurons")
+WHOLE_LEVERS = ("num_adapters", "kernel_size", "max_neurons", "grow_every")
 # The default combination, chosen on validation: optimized by the greedy selection (benchmarks/results/
 # transfer_levers.md), no_embeddings and then a tenth of the line-searched step added to it by the one-lever-at-a-time
 # measurement (transfer_training.md, rounds 1 and 4), the ascent matrix-free on wide positions, which saves time at no
@@ -255,6 +257,12 @@ def build_method(
     own_head_lr = options.pop("own_head_lr", False)
     head_lr_ratio = options.pop("head_lr_ratio", 1.0)
     direction_scale = options.pop("direction_scale", None)
+    grow_every = options.pop("grow_every", GROW_EVERY)
+    if grown is None and "grow_every" in (variant or {}):
+        raise ValueError(
+            f"{method!r}: grow_every=N sets when a grown method inserts its layers; a one-shot method inserts them all "
+            "before training. Name a grown method, e.g. 'topo_grown+grow_every=1'"
+        )
     if options.pop("attention_positions", False):
         names = [*topo_candidates(model, options, budget), *attention_outputs(model)]
         budget = budget.with_positions(model, calibration[0], names)
@@ -265,7 +273,7 @@ def build_method(
             spread = min(spread, len(topo_candidates(model, options, budget)))
         budget = budget.adjusted(spread, options.get("train_up", False), options.get("kernel_size"))
     if grown is not None:
-        built = build_topo_grown(model, calibration, budget, seed, head, options)
+        built = build_topo_grown(model, calibration, budget, seed, head, options, grow_every)
     elif variant is not None:
         options = {**options, "head_warmup_lr": head_lr} if "head_warmup_steps" in options else options
         built = build_topo(model, calibration, budget, seed, head, topo_positions, **options)
@@ -337,9 +345,12 @@ def _build_baseline(method, model, calibration, budget, total_steps, lora_target
     return Built(wrapped, note=note, callbacks=[AdaLoraAllocation()])
 
 
-def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, seed: int, head: str, options) -> Built:
+def build_topo_grown(
+    model: nn.Module, calibration: list[dict], budget: Budget, seed: int, head: str, options,
+    grow_every: int = GROW_EVERY,
+) -> Built:  # fmt: skip
     """A TopoModel of the head alone and the callback that grows it during training: one layer of the matched
-    per-adapter width every GROW_EVERY epochs at the best position of the current model, the last one trimmed to fit
+    per-adapter width every `grow_every` epochs at the best position of the current model, the last one trimmed to fit
     the budget (GrowthConfig.max_trainable)."""
     import hf_topoadapt as hta
     from hf_topoadapt.growth import GrowthConfig, TopoGrowthCallback, head_only_topo_model
@@ -348,7 +359,7 @@ def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, 
     config = hta.TopoAdapterConfig(neurons=budget.request(), modules_to_save=[head], seed=seed, **options)
     wrapped = head_only_topo_model(model, config)
     growth = GrowthConfig(
-        schedule=[GROW_EVERY], max_insertions=budget.num_adapters, max_trainable=budget.target,
+        schedule=[grow_every], max_insertions=budget.num_adapters, max_trainable=budget.target,
         calibration_batches=None, seed=seed, step_scale=options.get("step_scale", 1.0),
     )  # fmt: skip
     callback = TopoGrowthCallback(growth, calibration_data=calibration)
@@ -360,7 +371,7 @@ def build_topo_grown(model: nn.Module, calibration: list[dict], budget: Budget, 
         built.setup_seconds += sum(e.get("seconds", 0.0) for e in log)
         shapes = wrapped.peft_config[wrapped.active_adapter].adapter_shapes or {}
         built.note = (
-            f"grown every {GROW_EVERY} epochs: epochs {[e['epoch'] for e in grown]}, neurons "
+            f"grown every {grow_every} epochs: epochs {[e['epoch'] for e in grown]}, neurons "
             f"{[s['neurons'] for s in shapes.values()]}"
             + (f"; stopped: {callback.grower.stopped}" if log and callback.grower.stopped else "")
         )

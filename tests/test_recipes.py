@@ -428,6 +428,24 @@ def test_topo_grown_adds_layers_during_training_up_to_the_budget(tokenizer, tmp_
     assert len(result.curves) == 2 * GROW_EVERY + 1
 
 
+def test_grow_every_lever_sets_growths_interval_and_one_shot_methods_refuse_it(tokenizer, tmp_path):
+    """`topo_grown+grow_every=1` inserts a layer every epoch (transfer_training.md, round 19); a one-shot method has no
+    schedule, so the lever there is an error that says what to name instead, and the interval is a whole number."""
+    from recipes.methods import GROWN, grown_variant
+
+    assert grown_variant("topo_grown+grow_every=1") == {**GROWN["topo_grown"], "grow_every": 1}
+    with pytest.raises(ValueError, match="whole number"):
+        grown_variant("topo_grown+grow_every=0.5")
+    with pytest.raises(ValueError, match="topo_grown\\+grow_every=1"):
+        tiny_method(tokenizer, "topo+grow_every=1")
+    task = dataclasses.replace(tiny_task(tokenizer), model_factory=lambda: tiny_bert(layers=3))
+    (result,) = run_experiment(
+        task, ["topo_grown+grow_every=1"], per_class=[4], seeds=[0], setup=quiet_setup(epochs=3), lora_rank=1,
+        num_adapters=2, test_per_class=5, output_dir=str(tmp_path), log=lambda _: None,
+    )  # fmt: skip
+    assert "grown every 1 epochs: epochs [1.0, 2.0]" in result.note and len(result.positions) == 2
+
+
 def test_topo_paper_is_the_papers_layer_whatever_the_library_defaults(tokenizer):
     """Levers that are off are set explicitly: topo_paper keeps coordinate directions although TopoAdapterConfig's
     default became the chosen lever (optimised directions), and topo follows the chosen levers."""
