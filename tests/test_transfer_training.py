@@ -166,6 +166,9 @@ def test_round_nineteen_measures_growths_interval_at_the_recipes_lengths_of_toda
     assert spec["base"] == spec["prefix"] == "topo_grown" and spec["runs"] == "round19"
     assert grown_variant(tt.with_lever("grow_every=1", spec["prefix"])) == {**GROWN["topo_grown"], "grow_every": 1}
     assert tt.round_epochs("effnet_mnist", 19, 30) == 30 and spec["rates"]["effnet_mnist"] == 1e-2
+    later = tt.ROUNDS[20]
+    assert later["base"] == "topo_grown" and later["runs"] == "round19" and later["rates"] == spec["rates"]
+    assert grown_variant(tt.with_lever("grow_every=3", later["prefix"]))["grow_every"] == 3
 
 
 def test_rounds_from_seven_measure_on_todays_default_and_only_where_their_lever_applies(tmp_path):
