@@ -30,6 +30,7 @@ for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(name, "1")
 
 from benchmarks.transfer_lr_grid import SMALLEST, recipe_task  # noqa: E402
+from benchmarks.transfer_training import paired  # noqa: E402
 from recipes.experiment import load_runs, run_experiment  # noqa: E402
 from recipes.methods import DEFAULT_LEVERS, lever_off, lr_for  # noqa: E402
 
@@ -194,12 +195,13 @@ def goal(rows: dict) -> dict:
             setup.append(ours["setup_seconds"] / max(ours["train_seconds_per_epoch"], 1e-9))
         if not margins:
             continue
-        paired = {rank: paired_difference(rows[f"{method}@{rank}"], rows[f"lora@{rank}"]) for rank in margins}
-        pooled = [d for rank in margins for d in seed_differences(rows[f"{method}@{rank}"], rows[f"lora@{rank}"])]
+        mine, theirs = by_rank_and_seed(rows, method, margins), by_rank_and_seed(rows, "lora", margins)
         out[method] = {
             "margin_by_rank": margins,
-            "paired_by_rank": paired,
-            "pooled": _mean_and_error(pooled),
+            "paired_by_rank": {
+                rank: difference({k: v for k, v in mine.items() if k[0] == rank}, theirs) for rank in margins
+            },
+            "pooled": difference(mine, theirs),
             "above_lora_everywhere": all(m > 0 for m in margins.values()),
             "margin_at_r2_met": margins.get(ABLATION_RANK, -1) >= GOAL_MARGIN,
             "never_worse_than_1_point": min(margins.values()) >= -GOAL_TOLERANCE,
@@ -210,20 +212,17 @@ def goal(rows: dict) -> dict:
     return out
 
 
-def seed_differences(ours: dict, lora: dict) -> list[float]:
-    """Per seed both ran: our accuracy minus LoRA's (the seed fixes the training examples and the head's draw)."""
-    theirs = {int(seed): acc for seed, acc in lora["accuracy_by_seed"].items()}
-    return [acc - theirs[int(seed)] for seed, acc in ours["accuracy_by_seed"].items() if int(seed) in theirs]
+def by_rank_and_seed(rows: dict, method: str, ranks) -> dict[tuple[int, int], float]:
+    return {
+        (rank, int(seed)): acc for rank in ranks for seed, acc in rows[f"{method}@{rank}"]["accuracy_by_seed"].items()
+    }
 
 
-def _mean_and_error(values: list[float]) -> dict:
-    """Mean, its standard error and the count: whether a margin is more than the seeds' noise."""
-    error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return {"mean": statistics.fmean(values) if values else math.nan, "error": error, "n": len(values)}
-
-
-def paired_difference(ours: dict, lora: dict) -> dict:
-    return _mean_and_error(seed_differences(ours, lora))
+def difference(ours: dict, lora: dict) -> dict:
+    """Our accuracy minus LoRA's, paired on the (rank, seed) both ran (a seed fixes the training examples and the
+    head's draw): mean, its standard error and the count, whether a margin is more than the seeds' noise."""
+    mean, error, n = paired(ours, lora)
+    return {"mean": mean, "error": error, "n": n}
 
 
 def plot(summary: dict, path: str) -> None:
