@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -78,12 +78,16 @@ LEVERS: dict[str, dict] = {
 # the recipe's head-only rate, up to 33x the topo rate, too fast beside layers that change its inputs).
 # `grow_every=N`: a grown method inserts a layer every N epochs instead of GROW_EVERY (one-shot methods have no
 # schedule and refuse it).
+# `start=K`: a grown method starts from K layers placed before training as one-shot `topo` places them (its levers,
+# K/N of the budget), instead of from the head alone, and grows the rest (the issue's "or k0 adapters").
 VALUE_LEVERS: dict[str, str] = {
     "step": "step_scale", "decrease": "step_decrease", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters",
     "optimize_tol": "optimize_tol", "max_neurons": "max_neurons",
     "kernel": "kernel_size", "direction": "direction_scale", "head_rate": "head_lr_ratio", "grow_every": "grow_every",
+    "start": "start_adapters",
 }  # fmt: skip
-WHOLE_LEVERS = ("num_adapters", "kernel_size", "max_neurons", "grow_every")
+WHOLE_LEVERS = ("num_adapters", "kernel_size", "max_neurons", "grow_every", "start_adapters")
+GROWN_ONLY = {"grow_every": "topo_grown+grow_every=1", "start_adapters": "topo_grown+start=1"}
 # The default combination, chosen on validation: optimized by the greedy selection (benchmarks/results/
 # transfer_levers.md), no_embeddings and then a tenth of the line-searched step added to it by the one-lever-at-a-time
 # measurement (transfer_training.md, rounds 1 and 4), the ascent matrix-free on wide positions, which saves time at no
@@ -258,11 +262,13 @@ def build_method(
     head_lr_ratio = options.pop("head_lr_ratio", 1.0)
     direction_scale = options.pop("direction_scale", None)
     grow_every = options.pop("grow_every", GROW_EVERY)
-    if grown is None and "grow_every" in (variant or {}):
-        raise ValueError(
-            f"{method!r}: grow_every=N sets when a grown method inserts its layers; a one-shot method inserts them all "
-            "before training. Name a grown method, e.g. 'topo_grown+grow_every=1'"
-        )
+    start_adapters = options.pop("start_adapters", 0)
+    for key, example in GROWN_ONLY.items():
+        if grown is None and key in (variant or {}):
+            raise ValueError(
+                f"{method!r}: {key} sets how a grown method inserts its layers; a one-shot method inserts them all "
+                f"before training. Name a grown method, e.g. {example!r}"
+            )
     if options.pop("attention_positions", False):
         names = [*topo_candidates(model, options, budget), *attention_outputs(model)]
         budget = budget.with_positions(model, calibration[0], names)
@@ -273,7 +279,7 @@ def build_method(
             spread = min(spread, len(topo_candidates(model, options, budget)))
         budget = budget.adjusted(spread, options.get("train_up", False), options.get("kernel_size"))
     if grown is not None:
-        built = build_topo_grown(model, calibration, budget, seed, head, options, grow_every)
+        built = build_topo_grown(model, calibration, budget, seed, head, options, grow_every, start_adapters)
     elif variant is not None:
         options = {**options, "head_warmup_lr": head_lr} if "head_warmup_steps" in options else options
         built = build_topo(model, calibration, budget, seed, head, topo_positions, **options)
@@ -348,18 +354,30 @@ def _build_baseline(method, model, calibration, budget, total_steps, lora_target
 def build_topo_grown(
     model: nn.Module, calibration: list[dict], budget: Budget, seed: int, head: str, options,
     grow_every: int = GROW_EVERY,
+    start_adapters: int = 0,
 ) -> Built:  # fmt: skip
-    """A TopoModel of the head alone and the callback that grows it during training: one layer of the matched
-    per-adapter width every `grow_every` epochs at the best position of the current model, the last one trimmed to fit
-    the budget (GrowthConfig.max_trainable)."""
+    """A TopoModel of the head alone (or of `start_adapters` one-shot layers, as `topo` builds them, with their share
+    of the budget) and the callback that grows it during training: one layer of the matched per-adapter width every
+    `grow_every` epochs at the best position of the current model, the last one trimmed to fit the budget
+    (GrowthConfig.max_trainable)."""
     import hf_topoadapt as hta
     from hf_topoadapt.growth import GrowthConfig, TopoGrowthCallback, head_only_topo_model
 
     options = {k: v for k, v in options.items() if k not in ("neuron_budget", "fill_budget", "head_warmup_steps")}
-    config = hta.TopoAdapterConfig(neurons=budget.request(), modules_to_save=[head], seed=seed, **options)
-    wrapped = head_only_topo_model(model, config)
+    if start_adapters >= budget.num_adapters:
+        raise ValueError(
+            f"start={start_adapters} leaves nothing to grow: the budget is spread over {budget.num_adapters} layers. "
+            f"Use start=1 to {budget.num_adapters - 1}, or one-shot `topo` for all of them before training"
+        )
+    first = []  # positions of the one-shot layers growth starts from
+    if start_adapters:
+        built = _first_layers(model, calibration, budget, seed, head, start_adapters)
+        wrapped, first = built.model, list(built.positions)
+    else:
+        config = hta.TopoAdapterConfig(neurons=budget.request(), modules_to_save=[head], seed=seed, **options)
+        wrapped = head_only_topo_model(model, config)
     growth = GrowthConfig(
-        schedule=[grow_every], max_insertions=budget.num_adapters, max_trainable=budget.target,
+        schedule=[grow_every], max_insertions=budget.num_adapters - start_adapters, max_trainable=budget.target,
         calibration_batches=None, seed=seed, step_scale=options.get("step_scale", 1.0),
     )  # fmt: skip
     callback = TopoGrowthCallback(growth, calibration_data=calibration)
@@ -367,16 +385,27 @@ def build_topo_grown(
     def after_fit(built: Built) -> None:
         log = callback.grower.log if callback.grower is not None else []
         grown = [e for e in log if e["accepted"]]
-        built.positions = [e["position"] for e in grown]
+        built.positions = [*first, *(e["position"] for e in grown)]
         built.setup_seconds += sum(e.get("seconds", 0.0) for e in log)
         shapes = wrapped.peft_config[wrapped.active_adapter].adapter_shapes or {}
         built.note = (
-            f"grown every {grow_every} epochs: epochs {[e['epoch'] for e in grown]}, neurons "
+            (f"one-shot layers at {first}, then " if first else "")
+            + f"grown every {grow_every} epochs: epochs {[e['epoch'] for e in grown]}, neurons "
             f"{[s['neurons'] for s in shapes.values()]}"
             + (f"; stopped: {callback.grower.stopped}" if log and callback.grower.stopped else "")
         )
 
-    return Built(wrapped, note="head, grown during training", callbacks=[callback], after_fit=after_fit)
+    note = f"{start_adapters} one-shot layers, grown during training" if first else "head, grown during training"
+    return Built(wrapped, note=note, callbacks=[callback], after_fit=after_fit, positions=first)
+
+
+def _first_layers(model, calibration, budget: Budget, seed: int, head: str, count: int) -> Built:
+    """`count` layers placed before training as the default one-shot `topo` places them, trimmed to count/N of the
+    adapters' budget: where growth starts from."""
+    adapters = budget.target - budget.head_params
+    share = replace(budget, num_adapters=count, target=budget.head_params + adapters * count // budget.num_adapters)
+    options = {**topo_options(DEFAULT_LEVERS), "num_adapters": count}
+    return fit_budget(_topo(model, calibration, head, seed, share.request(), "eigen", options), share)
 
 
 def attention_outputs(model: nn.Module) -> list[str]:

@@ -446,6 +446,29 @@ def test_grow_every_lever_sets_growths_interval_and_one_shot_methods_refuse_it(t
     assert "grown every 1 epochs: epochs [1.0, 2.0]" in result.note and len(result.positions) == 2
 
 
+def test_start_lever_grows_from_one_shot_layers_and_refuses_what_leaves_nothing_to_grow(tokenizer, tmp_path):
+    """`topo_grown+start=1` places one layer before training as one-shot topo does, then grows the rest on the
+    schedule; the run meets the same budget, start >= the layer count is an error that says what to use, and one-shot
+    methods refuse the lever with the name of a grown one."""
+    from recipes.methods import GROW_EVERY, grown_variant
+
+    assert grown_variant("topo_grown+start=1")["start_adapters"] == 1
+    with pytest.raises(ValueError, match="topo_grown\\+start=1"):
+        tiny_method(tokenizer, "topo+start=1")
+    task = dataclasses.replace(tiny_task(tokenizer), model_factory=lambda: tiny_bert(layers=3))
+    kwargs = dict(per_class=[4], seeds=[0], lora_rank=1, num_adapters=2, test_per_class=5, log=lambda _: None)
+    with pytest.raises(ValueError, match="start=2 leaves nothing to grow.*start=1"):
+        run_experiment(task, ["topo_grown+start=2"], setup=quiet_setup(epochs=1), output_dir=str(tmp_path), **kwargs)
+    (result,) = run_experiment(
+        task, ["topo_grown+start=1"], setup=quiet_setup(epochs=GROW_EVERY + 1), output_dir=str(tmp_path / "a"),
+        **kwargs,
+    )  # fmt: skip
+    assert result.note.startswith(f"one-shot layers at ['{result.positions[0]}'], then grown every {GROW_EVERY} epochs")
+    assert f"epochs: epochs [{GROW_EVERY:.1f}]" in result.note  # one layer grown, at the first growth epoch
+    assert len(result.positions) == 2 and len(set(result.positions)) == 2
+    assert abs(result.budget_gap) <= 0.10
+
+
 def test_topo_paper_is_the_papers_layer_whatever_the_library_defaults(tokenizer):
     """Levers that are off are set explicitly: topo_paper keeps coordinate directions although TopoAdapterConfig's
     default became the chosen lever (optimised directions), and topo follows the chosen levers."""
