@@ -305,9 +305,9 @@ def report(recipes, output_dir: str) -> dict:
         "EfficientNet run can end several points apart on two machines (setup_stability.md); the earlier runs are "
         "kept in transfer_frontier_<recipe>_earlier_machine_runs.jsonl. "
         "EfficientNet trains 30 epochs since its 10 cut every method's runs short (transfer_epochs.md), with every "
-        "rate chosen again there; its 10-epoch runs are in transfer_frontier_effnet_mnist_10_epochs_runs.jsonl. At 30 "
-        "epochs AdaLoRA trains at its r=1 rate at every rank, and a row without runs (-, or missing from the "
-        "ablations) was not run again yet. "
+        "rate chosen again there (AdaLoRA's too, at every rank); its 10-epoch runs are in "
+        "transfer_frontier_effnet_mnist_10_epochs_runs.jsonl. A row without runs (-, or missing from the ablations) "
+        "was not run again yet. "
         "Regenerate with `python benchmarks/transfer.py --frontier`.",
         "",
     ]
