@@ -22,6 +22,7 @@ import math
 import os
 import statistics
 import sys
+from collections import Counter
 from dataclasses import asdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -262,10 +263,18 @@ def plot(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
-def cell(row: dict | None) -> str:
+def cell(row: dict | None, seeds: int | None = None) -> str:
+    """Mean ± std (trainable parameters), with the row's seed count where it differs from the table's `seeds`."""
     if row is None:
         return "-"
-    return f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} ({row['trainable']:,})"
+    count = "" if seeds is None or len(row["seeds"]) == seeds else f"; {len(row['seeds'])} seeds"
+    return f"{row['accuracy_mean']:.3f} ± {row['accuracy_std']:.3f} ({row['trainable']:,}{count})"
+
+
+def common_seeds(rows: dict) -> list[int]:
+    """The seeds most rows ran (a row that ran more, or fewer, says so in its cell)."""
+    counts = Counter(tuple(r["seeds"]) for r in rows.values())
+    return list(counts.most_common(1)[0][0]) if counts else []
 
 
 def loss_cell(row: dict | None) -> str:
@@ -313,13 +322,14 @@ def report(recipes, output_dir: str) -> dict:
     ]
     for recipe, s in summaries.items():
         rows = s["rows"]
-        seeds = sorted({seed for r in rows.values() for seed in r["seeds"]})
+        seeds = common_seeds(rows)
         lines += [f"## {recipe} ({s['per_class']} per class, {s['epochs']} epochs, seeds {seeds})", ""]
+        n = len(seeds)
         lines += ["| method | " + " | ".join(f"r={r}" for r in RANKS) + " |", "|---|" + "---:|" * len(RANKS)]
         for method in CURVES:
-            lines.append(f"| {method} | " + " | ".join(cell(rows.get(f"{method}@{r}")) for r in RANKS) + " |")
+            lines.append(f"| {method} | " + " | ".join(cell(rows.get(f"{method}@{r}"), n) for r in RANKS) + " |")
         for method in REFERENCE:
-            lines.append(f"| {method} (reference) | {cell(rows.get(f'{method}@0'))} |" + " |" * (len(RANKS) - 1))
+            lines.append(f"| {method} (reference) | {cell(rows.get(f'{method}@0'), n)} |" + " |" * (len(RANKS) - 1))
         lines += ["", f"Learning rates at r={', '.join(map(str, RANKS))}: {rates_line(rows)}."]
         lines += ["", "Test loss (cross-entropy of the same checkpoints, lower is better):", ""]
         lines += ["| method | " + " | ".join(f"r={r}" for r in RANKS) + " |", "|---|" + "---:|" * len(RANKS)]
@@ -332,7 +342,7 @@ def report(recipes, output_dir: str) -> dict:
             row = rows.get(f"{method}@{ABLATION_RANK}")
             if row:
                 lines.append(
-                    f"| {method} | {cell(row)} | {row['validation_mean']:.3f} | {row['setup_seconds']:.1f} | "
+                    f"| {method} | {cell(row, n)} | {row['validation_mean']:.3f} | {row['setup_seconds']:.1f} | "
                     f"{row['train_seconds_per_epoch']:.2f} |"
                 )
         lines += ["", "Goal (issue 9), per topo method:", ""]

@@ -130,3 +130,23 @@ def test_runs_of_another_training_length_are_left_out(tmp_path, lrs):
     assert summary["epochs"] == epochs
     tf.report([RECIPE], str(tmp_path))
     assert f"({SIZE} per class, {epochs} epochs, seeds [0, 1])" in (tmp_path / "transfer_frontier.md").read_text()
+
+
+def test_rows_with_more_seeds_say_so_and_pair_on_every_shared_seed(tmp_path, lrs):
+    """topo and LoRA at 4 seeds beside AdaLoRA at 2: the header names the seeds most rows ran, the cells that ran
+    another count say how many, and the paired margin uses all 4 shared seeds."""
+    epochs = tf.recipe_task(RECIPE, 1, load=False)[2].epochs
+    topo_lr, lora_lr, ada_lr = (lr_for(m, lrs, 2) for m in ("topo", "lora", "adalora"))
+    runs = [run("topo", seed, 2, 0.6 + 0.02 * seed, topo_lr) for seed in range(4)]
+    runs += [run("lora", seed, 2, 0.6, lora_lr) for seed in range(4)]
+    runs += [run("adalora", seed, 2, 0.5, ada_lr) for seed in range(2)]
+    runs += [run(m, seed, 0, 0.4, lr_for(m, lrs)) for m in ("head", "full") for seed in range(2)]
+    for r in runs:
+        r.epochs = epochs
+    write(tmp_path / f"transfer_frontier_{RECIPE}_runs.jsonl", runs)
+    summary = tf.report([RECIPE], str(tmp_path))[RECIPE]
+    assert summary["goal"]["topo"]["paired_by_rank"][2]["n"] == 4
+    assert summary["goal"]["topo"]["paired_by_rank"][2]["mean"] == pytest.approx(0.03)
+    text = (tmp_path / "transfer_frontier.md").read_text()
+    assert "seeds [0, 1])" in text
+    assert "(1,000; 4 seeds)" in text and "0.500 ± 0.000 (1,000) |" in text
