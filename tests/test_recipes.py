@@ -196,6 +196,28 @@ def test_matched_methods_within_ten_percent(method, tokenizer):
     assert abs(budget.relative_gap(built.trainable)) <= 0.10, (built.trainable, budget)
 
 
+def test_spend_lever_adds_ranked_positions_until_the_budget_is_spent(tokenizer):
+    """One layer of a 32-wide model holds at most 32 neurons, less than LoRA r=8's budget: the default leaves most of
+    it unspent, `spend` adds the next-ranked position from the same scoring round (the first layer unchanged) until
+    the budget is met."""
+    from recipes.methods import DEFAULT_LEVERS
+
+    task = tiny_task(tokenizer, 5)
+    splits = task.preprocess(few_shot_splits(task.source, 2, seed=0))
+    batches = calibration_batches(splits["train"], task.collator, 3, 0, "cpu")
+    built = {}
+    for name in ("topo", "+".join(["topo", *DEFAULT_LEVERS, "spend"])):
+        torch.manual_seed(0)
+        model = tiny_bert()
+        budget = match_budget(model, lora_rank=8, num_adapters=1, lora_targets=("query", "value"), batch=batches[0])
+        built[name] = build_method(name, model, batches, budget, total_steps=20, seed=0)
+    plain, spent = built.values()
+    assert budget.relative_gap(plain.trainable) < -0.3 and len(plain.positions) == 1
+    assert abs(budget.relative_gap(spent.trainable)) <= 0.10, (spent.trainable, budget.target)
+    assert len(spent.positions) == 2 and spent.positions[0] == plain.positions[0]
+    assert "2 positions to spend the budget" in spent.note
+
+
 # ------------------------------------------------------------------------------------------- end to end
 def test_tiny_end_to_end_through_the_trainer(tokenizer, tmp_path):
     """Every run trains with the Trainer, keeps the best validation epoch and reports the test metrics of exactly
