@@ -197,16 +197,18 @@ def test_matched_methods_within_ten_percent(method, tokenizer):
 
 
 def test_spend_lever_adds_ranked_positions_until_the_budget_is_spent(tokenizer):
-    """One layer of a 32-wide model holds at most 32 neurons, less than LoRA r=8's budget: the default leaves most of
-    it unspent, `spend` adds the next-ranked position from the same scoring round (the first layer unchanged) until
-    the budget is met."""
-    from recipes.methods import DEFAULT_LEVERS
+    """One layer of a 32-wide model holds at most 32 neurons, less than LoRA r=8's budget: without `spend` most of it
+    is left unspent; the default (`spend` in it) adds the next-ranked position from the same scoring round (the first
+    layer unchanged) until the budget is met."""
+    from recipes.methods import DEFAULT_LEVERS, lever_off
+
+    assert "spend" in DEFAULT_LEVERS and lever_off("spend") == "topo_no_spend"
 
     task = tiny_task(tokenizer, 5)
     splits = task.preprocess(few_shot_splits(task.source, 2, seed=0))
     batches = calibration_batches(splits["train"], task.collator, 3, 0, "cpu")
     built = {}
-    for name in ("topo", "+".join(["topo", *DEFAULT_LEVERS, "spend"])):
+    for name in ("topo_no_spend", "topo"):
         torch.manual_seed(0)
         model = tiny_bert()
         budget = match_budget(model, lora_rank=8, num_adapters=1, lora_targets=("query", "value"), batch=batches[0])
@@ -629,7 +631,7 @@ def test_the_default_takes_a_tenth_of_the_step_and_its_ablation_and_growth_the_f
     assert "step=0.1" in DEFAULT_LEVERS and lever_off("step=0.1") == "topo_full_step"
     assert TOPO_VARIANTS["topo"]["step_scale"] == hta.TopoAdapterConfig().step_scale == 0.1
     assert TOPO_VARIANTS["topo_full_step"] == {**TOPO_VARIANTS["topo"], "step_scale": 1.0}
-    budgeted = ("neuron_budget", "max_neurons")  # growth sizes its layers itself
+    budgeted = ("neuron_budget", "max_neurons", "spend_budget")  # growth sizes its layers itself
     grown_levers = {k: v for k, v in TOPO_VARIANTS["topo_full_step"].items() if k not in budgeted}
     assert GROWN["topo_grown"] == {**grown_levers, "optimize_solver": "dense", "score_once": False}
     assert TOPO_VARIANTS["topo_paper"]["step_scale"] == 1.0

@@ -102,8 +102,10 @@ def test_each_round_reads_only_the_topo_runs_at_its_own_rate(tmp_path):
 
 
 def before_round_15(variant: dict) -> dict:
-    """A topo variant as it was before rounds 15 and 17: the greedy rule, neurons spread evenly (the recipes' trim)."""
-    return {**{k: v for k, v in variant.items() if k not in ("neuron_budget", "max_neurons")}, "score_once": False}
+    """A topo variant as it was before rounds 15 and 17: the greedy rule, neurons spread evenly (the recipes' trim),
+    and no `spend` (which joined the default after round 21)."""
+    dropped = ("neuron_budget", "max_neurons", "spend_budget")
+    return {**{k: v for k, v in variant.items() if k not in dropped}, "score_once": False}
 
 
 def test_a_round_runs_its_topo_methods_at_its_own_rate():
@@ -179,9 +181,11 @@ def test_rounds_from_seven_measure_on_todays_default_and_only_where_their_lever_
     for number in range(7, 16):  # the default of their time: the greedy rule until round 15 adopted score_once
         assert lever_method(tt.ROUNDS[number]["base"]) == before_round_15(TOPO_VARIANTS["topo"]), number
     # round 15 adopted score_once; round 17's `budget+max_neurons=64` passed the rule and was vetoed (its reason)
-    assert lever_method(tt.with_lever("score_once", tt.ROUNDS[15]["prefix"])) == TOPO_VARIANTS["topo"]
+    # `spend` joined the default after round 21 (it changes only runs that left the budget unspent)
+    before_spend = {k: v for k, v in TOPO_VARIANTS["topo"].items() if k != "spend_budget"}
+    assert lever_method(tt.with_lever("score_once", tt.ROUNDS[15]["prefix"])) == before_spend
     for number in range(16, 19):  # round 19 measures growth
-        assert lever_method(tt.ROUNDS[number]["base"]) == TOPO_VARIANTS["topo"], number
+        assert lever_method(tt.ROUNDS[number]["base"]) == before_spend, number
     assert "budget+max_neurons=64" in tt.ROUNDS[17]["vetoed"]
     assert tt.ROUNDS[8]["recipes"] == tt.ROUNDS[11]["recipes"] == ("minilm_topics", "vit_digits")
     base, attention = tt.ROUNDS[8]["base"], tt.with_lever("attention", tt.ROUNDS[8]["prefix"])
