@@ -220,12 +220,13 @@ def is_matched(method: str) -> bool:
 
 def lr_for(method: str, lrs: dict[str, float], rank: int | None = None) -> float:
     """A method's learning rate: `<method>@r<rank>` (chosen on validation at LoRA rank `rank`'s budget, for that
-    method alone) before its own; a one-shot variant named by its levers (`topo+...`) takes `topo@r<rank>`; every
-    topo variant trains at the topo method's rate; then the family's."""
+    method alone) before its own; a one-shot topo variant (an ablation, a default's candidate `topo+...`) takes
+    `topo@r<rank>`; every topo variant trains at the topo method's rate; then the family's. Grown methods keep their
+    own rate at every rank (their runs were made so)."""
     family = {"head": "head", "head_warmup": "head", "full": "full"}.get(method, "peft")
     if rank is not None and f"{method}@r{rank}" in lrs:
         return lrs[f"{method}@r{rank}"]
-    if method.startswith("topo+") and rank is not None and f"topo@r{rank}" in lrs:
+    if rank is not None and f"topo@r{rank}" in lrs and topo_variant(method) is not None:
         return lrs[f"topo@r{rank}"]
     if method.startswith("topo") and method not in lrs:
         return lrs.get("topo", lrs.get(family, DEFAULT_LRS[family]))

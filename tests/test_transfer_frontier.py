@@ -150,3 +150,12 @@ def test_rows_with_more_seeds_say_so_and_pair_on_every_shared_seed(tmp_path, lrs
     text = (tmp_path / "transfer_frontier.md").read_text()
     assert "seeds [0, 1])" in text
     assert "(1,000; 4 seeds)" in text and "0.500 ± 0.000 (1,000) |" in text
+
+
+def test_one_shot_topo_variants_train_at_topos_rate_for_the_rank_and_growth_at_its_own():
+    """A rank with its own topo rate (topo@r8) is every one-shot variant's there, a default's candidate named by its
+    levers included; topo_grown keeps the recipe's topo rate, at which its runs were made."""
+    lrs = {"peft": 1e-2, "topo@r8": 3e-3}
+    candidate = "topo+" + "+".join(DEFAULT_LEVERS) + "+attention"
+    assert [lr_for(m, lrs, 8) for m in ("topo", "topo_no_spend", candidate)] == [3e-3] * 3
+    assert lr_for("topo_grown", lrs, 8) == lr_for(candidate, lrs, 2) == 1e-2
