@@ -383,6 +383,13 @@ class _TopoAdapterFields:
         default=False,
         metadata={"help": "Train the output directions U too (a superset of the paper, which keeps them fixed)."},
     )
+    topo_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "Dropout probability on each layer's input to D while training (peft's lora_dropout, for the "
+            "inserted layers): the residual stream itself is never dropped, and scoring runs without it."
+        },
+    )
     target_modules: list[str] | None = field(
         default=None,
         metadata={
@@ -476,6 +483,9 @@ class TopoAdapterConfig(PeftConfig, _TopoAdapterFields, ScoringConfig):
             "init_scale", self.init_scale, 0.0, strict=True,
             why=" (the std of init='random': at 0 the new rows get exactly zero gradients and never train)",
         )  # fmt: skip
+        self.topo_dropout = check_real("topo_dropout", self.topo_dropout, 0.0)
+        if self.topo_dropout >= 1:
+            raise ValueError(f"topo_dropout is a probability below 1 (0: no dropout), got {self.topo_dropout}")
         self.calibration_batches = check_whole(
             "calibration_batches", self.calibration_batches, 1, optional=True, why=" (None: all batches)"
         )

@@ -53,7 +53,7 @@ class TopoLayer(nn.Module, BaseTunerLayer):
     """h + sum over active adapters of U sigma(D h + b), one (D, b, U) per adapter name."""
 
     adapter_layer_names = ("topo_down", "topo_up")
-    other_param_names = ("topo_layout", "topo_activation")
+    other_param_names = ("topo_layout", "topo_activation", "topo_dropout")
 
     def __init__(self, width: int, layout: str, kernel_size: int = 3):
         super().__init__()
@@ -61,6 +61,7 @@ class TopoLayer(nn.Module, BaseTunerLayer):
         self.topo_down = nn.ModuleDict()
         self.topo_up = nn.ParameterDict()
         self.topo_activation = nn.ModuleDict()
+        self.topo_dropout = nn.ModuleDict()
         self.topo_layout = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -68,7 +69,14 @@ class TopoLayer(nn.Module, BaseTunerLayer):
         self.frozen_peft_weight_names = {}
 
     def update_layer(
-        self, adapter_name: str, num_neurons: int, activation: str, train_up: bool, dtype=None, device=None
+        self,
+        adapter_name: str,
+        num_neurons: int,
+        activation: str,
+        train_up: bool,
+        dtype=None,
+        device=None,
+        dropout: float = 0.0,
     ) -> None:
         factory = {"dtype": dtype, "device": device}
         if self.layout == "channels":
@@ -80,6 +88,7 @@ class TopoLayer(nn.Module, BaseTunerLayer):
         self.topo_down[adapter_name] = down
         self.topo_up[adapter_name] = nn.Parameter(torch.zeros(self.width, num_neurons, **factory))
         self.topo_activation[adapter_name], _ = resolve_activation(activation)
+        self.topo_dropout[adapter_name] = nn.Dropout(dropout) if dropout else nn.Identity()
         if not train_up:
             self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("topo_up",)}
         self.set_adapter(self.active_adapters)
@@ -94,12 +103,17 @@ class TopoLayer(nn.Module, BaseTunerLayer):
             if name not in self.topo_down:
                 continue
             down, up = self.topo_down[name], self.topo_up[name]
-            hidden = self.topo_activation[name](down(self._cast_input_dtype(h, down.weight.dtype)))
+            dropped = self.topo_dropout[name](self._cast_input_dtype(h, down.weight.dtype))
+            hidden = self.topo_activation[name](down(dropped))
             if self.layout == "channels":
                 out = out + F.conv2d(hidden, up[:, :, None, None].to(hidden.dtype))
             else:
                 out = out + F.linear(hidden, up.to(hidden.dtype))
         return out.to(h.dtype)
+
+    def _dropout_p(self, adapter_name: str) -> float:
+        dropout = self.topo_dropout[adapter_name] if adapter_name in self.topo_dropout else None
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
 
     def to_plain(self, adapter_name: str) -> TopoAdapter:
         """The adapter as a plain `TopoAdapter` (for merge_and_unload)."""
@@ -110,6 +124,7 @@ class TopoLayer(nn.Module, BaseTunerLayer):
             self.layout,
             self.kernel_size,
             self.topo_activation[adapter_name],
+            dropout=self._dropout_p(adapter_name),
             dtype=up.dtype,
             device=up.device,
         )
@@ -169,7 +184,13 @@ class TopoTuner(BaseTuner):
             elif not isinstance(layer, TopoLayer):
                 raise ValueError(f"{current_key}.{attribute} exists and is not a topo layer")
             layer.update_layer(
-                adapter_name, shape["neurons"], peft_config.activation, peft_config.train_up, dtype, device
+                adapter_name,
+                shape["neurons"],
+                peft_config.activation,
+                peft_config.train_up,
+                dtype,
+                device,
+                dropout=getattr(peft_config, "topo_dropout", 0.0),
             )
 
     def _topo_layers(self):

@@ -85,11 +85,14 @@ SPEND_TOLERANCE = 0.05  # a gap below -5% counts as unspent (trimming to whole n
 # schedule and refuse it).
 # `start=K`: a grown method starts from K layers placed before training as one-shot `topo` places them (its levers,
 # K/N of the budget), instead of from the head alone, and grows the rest (the "or k0 adapters").
+# `dropout=P`: dropout of probability P on each inserted layer's input to D while training (TopoAdapterConfig.
+# topo_dropout, peft's lora_dropout): topo's training loss falls furthest of the methods and its test loss on MiniLM is
+# the highest (transfer_diagnostics.md, transfer_frontier.md).
 VALUE_LEVERS: dict[str, str] = {
     "step": "step_scale", "decrease": "step_decrease", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters",
     "optimize_tol": "optimize_tol", "max_neurons": "max_neurons",
     "kernel": "kernel_size", "direction": "direction_scale", "head_rate": "head_lr_ratio", "grow_every": "grow_every",
-    "start": "start_adapters",
+    "start": "start_adapters", "dropout": "topo_dropout",
 }  # fmt: skip
 WHOLE_LEVERS = ("num_adapters", "kernel_size", "max_neurons", "grow_every", "start_adapters")
 GROWN_ONLY = {"grow_every": "topo_grown+grow_every=1", "start_adapters": "topo_grown+start=1"}

@@ -173,6 +173,18 @@ def test_round_nineteen_measures_growths_interval_at_the_recipes_lengths_of_toda
     assert grown_variant(tt.with_lever("grow_every=3", later["prefix"]))["grow_every"] == 3
 
 
+def test_round_twenty_two_measures_dropout_against_the_recipes_default_of_today():
+    from recipes.methods import TOPO_VARIANTS, lever_method
+
+    spec = tt.ROUNDS[22]
+    assert spec["base"] == spec["prefix"] and spec["runs"] == "round22"
+    assert lever_method(spec["base"]) == TOPO_VARIANTS["topo"]  # the reference is `topo` itself, spend included
+    for lever in spec["levers"]:
+        options = lever_method(tt.with_lever(lever, spec["prefix"]))
+        assert options == {**TOPO_VARIANTS["topo"], "topo_dropout": float(lever.partition("=")[2])}
+    assert tt.round_epochs("effnet_mnist", 22, 30) == 30 and set(spec["rates"].values()) == {1e-2}
+
+
 def test_rounds_from_seven_measure_on_todays_default_and_only_where_their_lever_applies(tmp_path):
     """Rounds from 7 on measure against today's `topo`; a round with its own recipes (attention outputs exist only in
     the transformers) averages over those alone, and an ablation round adopts nothing whatever its gain."""
