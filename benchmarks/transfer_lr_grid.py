@@ -70,18 +70,45 @@ def lowest_loss(curves: list[dict]) -> float:
 
 def choose(results, methods, rank: int | None = None) -> dict[str, dict]:
     """Per method and lr (at LoRA rank `rank`, every rank when None): mean and std of the best-epoch validation
-    accuracy and of the lowest validation loss; the chosen lr has the best mean accuracy."""
+    accuracy and of the lowest validation loss over every seed run, and the chosen lr (`best`).
+
+    Rates are compared on the seeds both ran, so more seeds at two close rates never set them against a rate's mean
+    over fewer (easier or harder) seeds: the chosen rate beats every other on their shared seeds, by mean accuracy
+    and, tied on it, by the lower mean validation loss (accuracy on a few dozen examples moves in steps, so
+    neighbouring rates often tie exactly; a tie used to go to the lower rate, which on MiniLM kept the tied rate whose
+    loss was 2-3x higher). Without such a rate (a cycle) the best on the seeds every rate ran is chosen."""
     table = {}
     for method in methods:
-        by_lr: dict[float, list] = {}
+        by_lr: dict[float, dict[int, object]] = {}
         for r in results:
             if r.method == method and rank in (None, r.lora_rank):
-                by_lr.setdefault(r.lr, []).append(r)
+                by_lr.setdefault(r.lr, {})[r.seed] = r
         if not by_lr:
             continue
-        rows = {lr: _summary(runs) for lr, runs in sorted(by_lr.items())}
-        table[method] = {"rows": rows, "best": max(rows, key=lambda lr: rows[lr]["accuracy"])}
+        rows = {lr: _summary(list(runs.values())) for lr, runs in sorted(by_lr.items())}
+        table[method] = {"rows": rows, "best": _best_rate(by_lr)}
     return table
+
+
+def _best_rate(by_lr: dict[float, dict[int, object]]) -> float:
+    def key(lr: float, seeds: set[int]) -> tuple[float, float]:
+        return _rank_key(_summary([by_lr[lr][seed] for seed in sorted(seeds)]))
+
+    def beats(a: float, b: float) -> bool:
+        shared = by_lr[a].keys() & by_lr[b].keys()
+        return not shared or key(a, shared) >= key(b, shared)
+
+    rates = sorted(by_lr)
+    winners = [a for a in rates if all(beats(a, b) for b in rates if b != a)]
+    if winners:
+        return winners[0]
+    common = set.intersection(*(set(runs) for runs in by_lr.values()))
+    return max(rates, key=lambda lr: key(lr, common)) if common else max(rates, key=lambda lr: key(lr, set(by_lr[lr])))
+
+
+def _rank_key(row: dict) -> tuple[float, float]:
+    # means of the same accuracies summed in another order can differ in the last bits: those are ties too
+    return round(row["accuracy"], 9), -row["loss"]
 
 
 def _summary(runs) -> dict:
@@ -97,19 +124,23 @@ def _summary(runs) -> dict:
     }  # fmt: skip
 
 
-def grid_runs(results, path: str, args, methods: list[str] | None = None, epochs: int | None = None) -> list:
+def grid_runs(
+    results, path: str, args, methods: list[str] | None = None, epochs: int | None = None, rank: int | None = None
+) -> list:
     """This call's runs and every other run of the same grid already in the runs file (other seeds): a method's
     choice uses all the seeds it has. `methods`: the methods kept (default: this call's); `epochs`: the training
-    length kept (default: every one; a run of another length is another grid)."""
+    length kept (default: every one; a run of another length is another grid); `rank`: the LoRA rank kept (default:
+    this call's). The rates are the grid's and this call's `--lrs`: a call that runs a few of them (more seeds where
+    two tie) still reports, and chooses among, all of them."""
     methods = methods or args.methods
     earlier = [r for r in load_runs(path).values() if epochs is None or r.epochs == epochs]
     runs = {(r.method, r.per_class, r.seed, r.lr, r.lora_rank): r for r in earlier}
     runs.update({(r.method, r.per_class, r.seed, r.lr, r.lora_rank): r for r in results})
-    ranks = {r.lora_rank for r in results}
+    ranks = {r.lora_rank for r in results} if rank is None else {rank}
     return [
         r for r in runs.values()
         if r.method in methods and r.per_class == SMALLEST[args.recipe] and r.lora_rank in ranks
-        and any(math.isclose(r.lr, lr) for lr in args.lrs or GRIDS[args.recipe][family(r.method)])
+        and any(math.isclose(r.lr, lr) for lr in [*GRIDS[args.recipe][family(r.method)], *(args.lrs or [])])
     ]  # fmt: skip
 
 
@@ -124,6 +155,9 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--output-dir", default=OUT)
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the reports from the runs file; train nothing"
+    )
     args = parser.parse_args(argv)
     import datasets
     import transformers
@@ -141,7 +175,7 @@ def main(argv=None) -> dict:
     stem = os.path.join(args.output_dir, f"transfer_lr_grid_{args.recipe}")
     ranks = args.ranks or [recipe_args.lora_rank]
     results = []
-    for rank in ranks:
+    for rank in [] if args.report_only else ranks:
         for method in args.methods:
             for lr in args.lrs or GRIDS[args.recipe][family(method)]:
                 results += run_experiment(
@@ -157,7 +191,8 @@ def main(argv=None) -> dict:
             if r.lora_rank == recipe_args.lora_rank and r.epochs == setup.epochs
         }  # fmt: skip
         methods = report_methods(args.methods, earlier)
-        table = choose(grid_runs(own, f"{stem}_runs.jsonl", args, methods, setup.epochs), methods)
+        kept = grid_runs(own, f"{stem}_runs.jsonl", args, methods, setup.epochs, recipe_args.lora_rank)
+        table = choose(kept, methods)
         chosen = write_report(stem, {None: table}, args.recipe, setup.epochs, "")
     others = [rank for rank in ranks if rank != recipe_args.lora_rank]
     if others:

@@ -39,7 +39,7 @@ from .experiment import Task, run_experiment
 # 5e-2 collapses to 0.46), and kept its r=1 rate at r=2 and r=8.
 EFFNET_LRS = {
     "head": 3e-2, "full": 1e-3, "peft": 1e-2, "lora": 1e-2, "adalora": 1e-2,
-    "lora@r2": 3e-3, "lora@r8": 3e-3, "topo@r8": 3e-3, "adalora@r4": 3e-2,
+    "lora@r4": 3e-3, "lora@r8": 3e-3, "topo@r2": 3e-3, "topo@r4": 3e-3, "topo@r8": 1e-3, "adalora@r4": 3e-2,
 }  # fmt: skip
 DEFAULTS = {
     "per_class": [10, 50],

@@ -38,6 +38,21 @@ def test_the_best_mean_validation_accuracy_chooses_and_the_lowest_loss_is_report
     assert table["topo"]["rows"][0.03]["loss_std"] == pytest.approx(0.0707, abs=1e-4)
 
 
+def test_a_tie_on_accuracy_goes_to_the_lower_validation_loss_not_the_lower_rate():
+    # MiniLM's r=8 grid: 0.005, 0.01 and 0.02 all at 31/32 on every seed, lowest losses 0.47, 0.20 and 0.17
+    runs = [
+        run("topo", seed, lr, 0.96875, [loss + 0.1 * seed, loss])
+        for seed in (0, 1, 2)
+        for lr, loss in ((0.005, 0.47), (0.01, 0.20), (0.02, 0.17))
+    ]
+    runs += [run("topo", seed, 0.002, 0.9166, [0.05]) for seed in (0, 1, 2)]  # the lowest loss, less accuracy
+    assert choose(runs, ["topo"])["topo"]["best"] == 0.02
+    # the same accuracies in another order (float sums differ in the last bits) still tie
+    mixed = [run("lora", 0, 0.01, 0.7, [0.9]), run("lora", 1, 0.01, 0.1 + 0.2, [0.9])]
+    mixed += [run("lora", 0, 0.02, 0.1 + 0.2, [0.5]), run("lora", 1, 0.02, 0.7, [0.5])]
+    assert choose(mixed, ["lora"])["lora"]["best"] == 0.02
+
+
 def test_the_choice_uses_every_seed_of_the_grid_already_run(tmp_path):
     import argparse
     import json
@@ -49,12 +64,53 @@ def test_the_choice_uses_every_seed_of_the_grid_already_run(tmp_path):
     earlier = [run("topo", 3, 0.003, 0.9, [0.8]), run("topo", 4, 0.003, 0.9, [0.8]), run("lora", 3, 0.01, 0.1, [2.0]),
                run("topo", 3, 0.5, 1.0, [0.1])]  # fmt: skip  (0.5: not a rate of the grid)
     path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in earlier))
-    now = [run("topo", 0, 0.003, 0.5, [1.0]), run("topo", 0, 0.01, 0.7, [1.0])]
+    now = [run("topo", 0, 0.003, 0.75, [1.0]), run("topo", 0, 0.01, 0.7, [1.0])]
     args = argparse.Namespace(methods=["topo"], recipe="vit_digits", lrs=None)
     runs = grid_runs(now, str(path), args)
     assert sorted((r.seed, r.lr) for r in runs) == [(0, 0.003), (0, 0.01), (3, 0.003), (4, 0.003)]
     table = choose(runs, ["topo"])
-    assert table["topo"]["best"] == 0.003 and table["topo"]["rows"][0.003]["seeds"] == 3  # 0.767 against 0.7
+    row = table["topo"]["rows"][0.003]
+    assert row["seeds"] == 3 and row["accuracy"] == pytest.approx(0.85)
+    assert table["topo"]["best"] == 0.003  # 0.75 against 0.7 on seed 0, the one both ran
+
+
+def test_rates_are_compared_on_the_seeds_both_ran():
+    """Seeds 3 and 4 (harder: 0.90 at every rate) added to two rates must not hand the choice to a rate that ran only
+    the easier seeds 0-2, nor the other way round."""
+    easy = {0.005: 0.95, 0.01: 0.97, 0.02: 0.96}
+    runs = [run("lora", seed, lr, acc, [0.3]) for lr, acc in easy.items() for seed in (0, 1, 2)]
+    runs += [run("lora", seed, lr, 0.90, [0.3]) for lr in (0.01, 0.02) for seed in (3, 4)]
+    table = choose(runs, ["lora"])
+    assert table["lora"]["rows"][0.005]["accuracy"] > table["lora"]["rows"][0.01]["accuracy"]  # 0.95 against 0.942
+    assert table["lora"]["best"] == 0.01  # it beats 0.005 on seeds 0-2 and 0.02 on seeds 0-4
+    # no rate beats every other (a cycle on different shared seeds): the best on the seeds all of them ran
+    cycle = [run("topo", 0, 0.1, 0.9, [0.3]), run("topo", 0, 0.2, 0.8, [0.3]), run("topo", 0, 0.3, 0.7, [0.3])]
+    cycle += [run("topo", 1, 0.2, 0.9, [0.3]), run("topo", 1, 0.3, 0.7, [0.3])]
+    cycle += [run("topo", 2, 0.1, 0.5, [0.3]), run("topo", 2, 0.3, 0.99, [0.3])]
+    # shared seeds: 0.1-0.2 {0}: 0.1 wins; 0.2-0.3 {0, 1}: 0.2 wins; 0.1-0.3 {0, 2}: 0.3 wins (0.845 > 0.7)
+    assert choose(cycle, ["topo"])["topo"]["best"] == 0.1  # on seed 0, the only one all ran
+
+
+def test_a_call_that_runs_a_few_rates_still_chooses_among_the_whole_grid(tmp_path):
+    """More seeds at two tied rates (`--lrs 0.01 0.03 --seeds 3 4`) must not rewrite the report as if the grid were
+    those two rates: a rate of the grid that did best on its seeds stays in the choice."""
+    import argparse
+    import json
+    from dataclasses import asdict
+
+    from benchmarks.transfer_lr_grid import grid_runs
+
+    path = tmp_path / "runs.jsonl"
+    earlier = [run("topo", seed, 0.01, 0.97, [0.3]) for seed in (0, 1, 2)]
+    earlier += [run("topo", seed, 0.03, 0.90, [0.3]) for seed in (0, 1, 2)]
+    path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in earlier))
+    now = [run("topo", seed, 0.03, 0.95, [0.2]) for seed in (3, 4)] + [run("topo", 3, 0.7, 0.99, [0.1])]
+    args = argparse.Namespace(methods=["topo"], recipe="vit_digits", lrs=[0.03, 0.7])
+    runs = grid_runs(now, str(path), args)
+    assert sorted({r.lr for r in runs}) == [0.01, 0.03, 0.7]  # the grid's rates and the ones this call named
+    assert choose([r for r in runs if r.lr != 0.7], ["topo"])["topo"]["best"] == 0.01
+    assert grid_runs([], str(path), args) == []  # no rank given and none run: nothing to report
+    assert len(grid_runs([], str(path), args, rank=now[0].lora_rank)) == 6  # --report-only names the rank
 
 
 def ranked(method, seed, lr, accuracy, rank) -> RunResult:
