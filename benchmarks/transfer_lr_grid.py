@@ -230,9 +230,10 @@ def write_report(stem: str, tables: dict, recipe: str, epochs: int, flags: str) 
         f"{SMALLEST[recipe]} examples per class to train and as many to validate, every seed run so far (the "
         f"seeds column; `--seeds` adds more), "
         f"{epochs} epochs with the recipe's Trainer settings; mean ± std per learning rate of each run's "
-        f"best-epoch validation accuracy (the chosen rate has the best mean) and of its lowest validation loss (a "
-        f"continuous read of the same runs: accuracy on a few dozen examples moves in steps of points and ties; the "
-        f"test split is not looked at). "
+        f"best-epoch validation accuracy and of its lowest validation loss (a continuous read of the same runs: "
+        f"accuracy on a few dozen examples moves in steps of points and ties; the test split is not looked at). The "
+        f"chosen rate beats every other on the seeds both ran: by mean accuracy, and tied on it by the lower mean "
+        f"validation loss (a rate with more seeds is never set against another's mean over fewer). "
         + ("A rank's chosen rate is the recipe's `<method>@r<rank>` rate (topo at LoRA rank r's matched budget). "
            if by_rank else "")
         + f"Regenerate with `python benchmarks/transfer_lr_grid.py --recipe {recipe}{flags}`.",
