@@ -36,10 +36,12 @@ DEFAULTS = {
     "lora_targets": ["query", "value"],
     # chosen on validation: benchmarks/results/transfer_lr_grid_minilm_topics.md, and at the other ranks
     # transfer_lr_grid_minilm_topics_ranks.md; rates compared on the seeds both ran, a tie on accuracy going to the
-    # lower validation loss (topo at r=8 had tied at 0.005, 0.01 and 0.02 on 3 seeds, then went to the lowest)
+    # lower validation loss (topo at r=8 had tied at 0.005, 0.01 and 0.02 on 3 seeds, then went to the lowest). The
+    # grown method and the lr grid's other topo rows keep the rate their runs were made at.
     "lrs": {
         "head": 5e-2, "full": 2e-4, "peft": 1e-2, "lora": 2e-2, "lora@r8": 1e-2, "adalora": 5e-2, "adalora@r1": 2e-2,
-        "adalora@r4": 2e-2, "adalora@r8": 1e-2,
+        "adalora@r4": 2e-2, "adalora@r8": 1e-2, "topo": 2e-2, "topo@r1": 2e-2, "topo@r4": 2e-2, "topo@r8": 1e-2,
+        "topo+": 1e-2, "topo_full_step": 1e-2, "topo_grown": 1e-2,
     },  # fmt: skip
     "output_dir": "outputs/minilm_topics",
 }
