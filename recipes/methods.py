@@ -231,6 +231,8 @@ def lr_for(method: str, lrs: dict[str, float], rank: int | None = None) -> float
         return lrs[f"{method}@r{rank}"]
     if rank is not None and f"topo@r{rank}" in lrs and topo_variant(method) is not None:
         return lrs[f"topo@r{rank}"]
+    if topo_variant(method) is not None and method not in lrs and "topo" in lrs:  # bottleneck_at_topo too
+        return lrs["topo"]
     if method.startswith("topo") and method not in lrs:
         return lrs.get("topo", lrs.get(family, DEFAULT_LRS[family]))
     return lrs.get(method, lrs.get(family, DEFAULT_LRS[family]))

@@ -159,3 +159,12 @@ def test_one_shot_topo_variants_train_at_topos_rate_for_the_rank_and_growth_at_i
     candidate = "topo+" + "+".join(DEFAULT_LEVERS) + "+attention"
     assert [lr_for(m, lrs, 8) for m in ("topo", "topo_no_spend", candidate)] == [3e-3] * 3
     assert lr_for("topo_grown", lrs, 8) == lr_for(candidate, lrs, 2) == 1e-2
+
+
+def test_at_the_recipes_own_rank_every_one_shot_variant_trains_at_topos_rate():
+    """MiniLM's topo rate (0.02) differs from its family's (0.01): the ablations at the recipe's own rank, the
+    bottleneck at topo's positions included, train at topo's; growth and a variant with its own rate keep theirs."""
+    lrs = {"peft": 1e-2, "topo": 2e-2, "topo_grown": 1e-2, "topo_full_step": 1e-2}
+    one_shot = ("topo", "topo_paper", "topo_random_positions", "bottleneck_at_topo", "topo+no_embeddings")
+    assert [lr_for(m, lrs, 2) for m in one_shot] == [2e-2] * len(one_shot)
+    assert lr_for("topo_grown", lrs, 2) == lr_for("topo_full_step", lrs, 2) == lr_for("lora", lrs, 2) == 1e-2
