@@ -53,8 +53,9 @@ class TopoAdapter(nn.Module):
             raise ValueError(f"layout must be 'vector', 'tokens' or 'channels', got {layout!r}")
         self.layout, self.width, self.kernel_size = layout, width, kernel_size
         self.activation, _ = resolve_activation(activation)
-        # on D's input only (peft's lora_dropout): the stream h itself always passes through
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        # on D's input only (peft's lora_dropout): the stream h itself always passes through. A probability, not an
+        # nn.Dropout child, so no module name of ours can match a user's modules_to_save by suffix.
+        self.dropout_p = float(dropout)
         factory = {"dtype": dtype, "device": device}
         if layout == "channels":
             self.down = nn.Conv2d(width, num_neurons, kernel_size, padding=kernel_size // 2, **factory)
@@ -70,7 +71,8 @@ class TopoAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Computes in the layer's dtype and returns the stream's (a float32 layer baked into a bf16 model)."""
-        hidden = self.activation(self.down(self.dropout(h.to(self.down.weight.dtype))))
+        x = h.to(self.down.weight.dtype)
+        hidden = self.activation(self.down(F.dropout(x, self.dropout_p, self.training) if self.dropout_p else x))
         up = self.up.to(hidden.dtype)
         delta = F.conv2d(hidden, up[:, :, None, None]) if self.layout == "channels" else F.linear(hidden, up)
         return (h + delta).to(h.dtype)

@@ -53,7 +53,7 @@ class TopoLayer(nn.Module, BaseTunerLayer):
     """h + sum over active adapters of U sigma(D h + b), one (D, b, U) per adapter name."""
 
     adapter_layer_names = ("topo_down", "topo_up")
-    other_param_names = ("topo_layout", "topo_activation", "topo_dropout")
+    other_param_names = ("topo_layout", "topo_activation", "topo_dropout_p")
 
     def __init__(self, width: int, layout: str, kernel_size: int = 3):
         super().__init__()
@@ -61,7 +61,9 @@ class TopoLayer(nn.Module, BaseTunerLayer):
         self.topo_down = nn.ModuleDict()
         self.topo_up = nn.ParameterDict()
         self.topo_activation = nn.ModuleDict()
-        self.topo_dropout = nn.ModuleDict()
+        # probabilities, not nn.Dropout children: peft matches modules_to_save by name suffix, and a child named
+        # `...topo_dropout` would be taken for a user's head named `out`
+        self.topo_dropout_p: dict[str, float] = {}
         self.topo_layout = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -88,7 +90,7 @@ class TopoLayer(nn.Module, BaseTunerLayer):
         self.topo_down[adapter_name] = down
         self.topo_up[adapter_name] = nn.Parameter(torch.zeros(self.width, num_neurons, **factory))
         self.topo_activation[adapter_name], _ = resolve_activation(activation)
-        self.topo_dropout[adapter_name] = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.topo_dropout_p[adapter_name] = float(dropout)
         if not train_up:
             self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("topo_up",)}
         self.set_adapter(self.active_adapters)
@@ -103,17 +105,14 @@ class TopoLayer(nn.Module, BaseTunerLayer):
             if name not in self.topo_down:
                 continue
             down, up = self.topo_down[name], self.topo_up[name]
-            dropped = self.topo_dropout[name](self._cast_input_dtype(h, down.weight.dtype))
-            hidden = self.topo_activation[name](down(dropped))
+            x = self._cast_input_dtype(h, down.weight.dtype)
+            p = self.topo_dropout_p.get(name, 0.0)
+            hidden = self.topo_activation[name](down(F.dropout(x, p, self.training) if p else x))
             if self.layout == "channels":
                 out = out + F.conv2d(hidden, up[:, :, None, None].to(hidden.dtype))
             else:
                 out = out + F.linear(hidden, up.to(hidden.dtype))
         return out.to(h.dtype)
-
-    def _dropout_p(self, adapter_name: str) -> float:
-        dropout = self.topo_dropout[adapter_name] if adapter_name in self.topo_dropout else None
-        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
 
     def to_plain(self, adapter_name: str) -> TopoAdapter:
         """The adapter as a plain `TopoAdapter` (for merge_and_unload)."""
@@ -124,7 +123,7 @@ class TopoLayer(nn.Module, BaseTunerLayer):
             self.layout,
             self.kernel_size,
             self.topo_activation[adapter_name],
-            dropout=self._dropout_p(adapter_name),
+            dropout=self.topo_dropout_p.get(adapter_name, 0.0),
             dtype=up.dtype,
             device=up.device,
         )

@@ -57,8 +57,7 @@ def test_scoring_and_eval_do_not_see_the_dropout(dropped):
     assert model.peft_config["default"].adapter_shapes == plain.peft_config["default"].adapter_shapes
     for ours, theirs in zip(layers(model), layers(plain), strict=True):
         assert torch.equal(ours.topo_down["default"].weight, theirs.topo_down["default"].weight)
-        assert isinstance(ours.topo_dropout["default"], nn.Dropout)
-        assert isinstance(theirs.topo_dropout["default"], nn.Identity)
+        assert ours.topo_dropout_p == {"default": 0.5} and theirs.topo_dropout_p == {"default": 0.0}
     model.eval(), plain.eval()
     assert torch.equal(logits(model, batches), logits(plain, batches))
 
@@ -85,18 +84,43 @@ def test_dropout_is_saved_loaded_and_kept_by_merge(dropped, tmp_path):
     base, _, _, _, _ = BUILDERS["hf_bert"]()
     loaded = hta.TopoModel.from_pretrained(base, str(tmp_path))
     assert loaded.peft_config["default"].topo_dropout == 0.5
-    assert [layer.topo_dropout["default"].p for layer in layers(loaded)] == [0.5, 0.5]
+    assert [layer.topo_dropout_p["default"] for layer in layers(loaded)] == [0.5, 0.5]
     loaded.eval(), model.eval()
     assert torch.equal(logits(loaded, batches), logits(model, batches))
     merged = loaded.merge_and_unload()
     plain = [m for m in merged.modules() if isinstance(m, TopoAdapter)]
-    assert [adapter.dropout.p for adapter in plain] == [0.5, 0.5]
+    assert [adapter.dropout_p for adapter in plain] == [0.5, 0.5]
 
 
 def test_plain_adapter_without_dropout_is_unchanged():
     adapter = TopoAdapter(4, 2)
-    assert isinstance(adapter.dropout, nn.Identity)
+    assert adapter.dropout_p == 0.0 and [name for name, _ in adapter.named_children()] == ["activation", "down"]
     assert set(adapter.state_dict()) == {"down.weight", "down.bias", "up"}
+
+
+def test_a_head_whose_name_ends_like_ours_is_still_the_only_module_to_save():
+    """peft wraps every module whose name ends with a modules_to_save entry: no child of a topo layer may end with a
+    user's head name (a head called `out` against a child called `topo_dropout`)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + torch.tanh(layer(x))
+            return self.out(x)
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(16, 4), torch.randn(16, 1)) for _ in range(2)]
+    config = hta.TopoAdapterConfig(
+        num_adapters=1, block_path="layers", modules_to_save=["out"], topo_dropout=0.1, line_search_steps=4
+    )
+    model = hta.get_topo_model(Net(), config, calibration_data=batches, loss_fn=F.mse_loss)
+    wrapped = [name for name, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"]
+    assert [name.rsplit(".", 1)[-1] for name in wrapped] == ["out"]
 
 
 def test_recipes_name_the_dropout_as_a_lever():
