@@ -38,6 +38,7 @@ from .experiment import Task, run_experiment
 # r=2's 3e-2); topo's rate is the same at every rank.
 VIT_LRS = {
     "head": 1e-1, "full": 3e-3, "peft": 1e-2, "lora": 3e-2, "adalora": 3e-2, "lora@r4": 1e-2, "lora@r8": 1e-2,
+    "topo@r8": 3e-2,
 }  # fmt: skip
 DEFAULTS = {
     "per_class": [10, 50],
