@@ -91,7 +91,23 @@ class ScoringConfig:
             "help": "Admissible activation of the new layer: 'silu_tanh' (2*SiLU - tanh), 'half_square' or a module."
         },
     )
-    kernel_size: int = field(default=3, metadata={"help": "Odd kernel size of the conv layer inserted in a CNN."})
+    kernel_size: int = field(
+        default=3,
+        metadata={
+            "help": "Odd kernel size of the conv layer inserted in a CNN; smaller where the calibration feature maps "
+            "are, unless shrink_kernel=False."
+        },
+    )
+    shrink_kernel: bool = field(
+        default=True,
+        metadata={
+            "help": "Build a smaller kernel where the calibration feature maps are smaller than kernel_size "
+            "(sensitivity.features.effective_kernel): with 'same' padding the taps past the map's extent read only "
+            "padding and never get a gradient, so on a 1 x 1 map (a CNN's last stage at a small input) a 3 x 3 conv "
+            "is a 1 x 1 conv with nine times the trainable parameters. The scores are the same either way. False: "
+            "kernel_size everywhere, as adapters made before this option were."
+        },
+    )
     solver: str = field(
         default="auto",
         metadata={
@@ -406,7 +422,10 @@ class _TopoAdapterFields:
     init_scale: float = field(default=1e-2, metadata={"help": "Std of the 'random' initialisation."})
     adapter_shapes: dict | None = field(
         default=None,
-        metadata={"help": "Filled in by get_topo_model: {position: {width, neurons, layout, where, module}}."},
+        metadata={
+            "help": "Filled in by get_topo_model: {position: {width, neurons, layout, where, module, kernel_size}} "
+            "(kernel_size: the conv on an image stream, smaller than the config's where the calibration maps are)."
+        },
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. the new head."}

@@ -127,7 +127,7 @@ def insert_layer(
             score.width,
             directions.num_neurons,
             score.layout,
-            config.kernel_size,
+            score.kernel_size,
             config.activation,
             **factory_kwargs(model),
         )

@@ -29,7 +29,7 @@ from .locate import Position, config_positions
 from .report import TopoReport
 from .scoring import ScoringRound, score_round
 from .sensitivity.capture import transform_stream
-from .sensitivity.features import layout_of
+from .sensitivity.features import effective_kernel, layout_of
 from .sensitivity.objective import LossFn, batch_loss, materialize, mean_loss
 from .tuner import PREFIX, TopoLayer, check_not_sharded, sharded_parameters
 from .warmup import find_head_modules, warm_up_head
@@ -359,6 +359,7 @@ def get_topo_model(
             "width": adapter.width,
             "layout": adapter.layout,
             "neurons": adapter.num_neurons,
+            "kernel_size": adapter.kernel_size,
         }
         weights[record.position] = adapter
     config.target_modules = list(shapes)
@@ -415,9 +416,10 @@ def _random_insertions(model, config, candidates, batches, loss_fn) -> list[Inse
     generator = torch.Generator().manual_seed(config.seed)
     records = []
     for position in candidates:
-        width, layout = _probe_width(model, position, batches, loss_fn)
+        shrink = config.shrink_kernel
+        width, layout, kernel = _probe_width(model, position, batches, loss_fn, config.kernel_size, shrink)
         neurons = config.neurons or config.max_neurons or 8
-        adapter = TopoAdapter(width, neurons, layout, config.kernel_size, config.activation, **factory_kwargs(model))
+        adapter = TopoAdapter(width, neurons, layout, kernel, config.activation, **factory_kwargs(model))
         with torch.no_grad():
             for tensor in (adapter.down.weight, adapter.down.bias):
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * config.init_scale)
@@ -444,20 +446,25 @@ def _random_insertions(model, config, candidates, batches, loss_fn) -> list[Inse
     return records
 
 
-def _probe_width(model, position: Position, batches, loss_fn) -> tuple[int, str]:
-    """Width and layout of the hidden state at a position: one forward pass, or the model config without data."""
+def _probe_width(
+    model, position: Position, batches, loss_fn, kernel_size: int = 3, shrink_kernel: bool = True
+) -> tuple[int, str, int]:
+    """Width, layout and conv kernel (effective_kernel) of the hidden state at a position: one forward pass, or the
+    model config without data."""
     if batches is None:
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         if hidden is None:
             raise ValueError(
                 "cannot tell the hidden size at the positions without data: pass calibration_data (one batch is enough)"
             )
-        return int(hidden), "tokens"
+        return int(hidden), "tokens", kernel_size
     seen: list[torch.Tensor] = []
     with transform_stream(position, lambda h: seen.append(h) or h), torch.no_grad():
         batch_loss(model, batches[0], loss_fn)
     layout = layout_of(seen[0])
-    return seen[0].shape[1] if layout == "channels" else seen[0].shape[-1], layout
+    if layout != "channels" or not shrink_kernel:
+        return seen[0].shape[-1] if layout != "channels" else seen[0].shape[1], layout, kernel_size
+    return seen[0].shape[1], layout, effective_kernel(kernel_size, *seen[0].shape[-2:])
 
 
 @torch.no_grad()

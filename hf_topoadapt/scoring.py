@@ -44,6 +44,7 @@ class PositionScore:
     layout: str = "tokens"
     width: int = 0  # hidden size d (channels C for a feature map)
     num_features: int = 0  # q, the length of z = [h (or patch); 1]
+    kernel_size: int = 3  # the conv kernel of a layer on an image stream (sensitivity.features.effective_kernel)
     top_eigenvalues: list[float] = field(default_factory=list)
     neurons: list[int] = field(default_factory=list)  # output neurons the eps_s rule keeps (empty if <= 0)
     gain: float = 0.0  # phi^T Q phi of the eps_s initialisation (sum of the kept eigenvalues)
@@ -80,6 +81,7 @@ class PositionScore:
             "layout",
             "width",
             "num_features",
+            "kernel_size",
             "top_eigenvalues",
             "neurons",
             "gain",
@@ -217,6 +219,7 @@ def score_round(
             config.exact_max_features,
             config.exact_max_entries,
             max_bytes=None if budget is None else budget // share,
+            shrink_kernel=config.shrink_kernel,
         )
 
     if config.crossfit:  # two halves of the examples per position, each with half the memory
@@ -274,6 +277,7 @@ def position_score(
         layout=accumulator.layout,
         width=accumulator.width,
         num_features=operator.num_features,
+        kernel_size=accumulator.kernel or config.kernel_size,
         top_eigenvalues=spectrum.eigenvalues[:8].tolist(),
         neurons=neurons,
         gain=gain,

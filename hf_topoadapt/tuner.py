@@ -177,7 +177,8 @@ class TopoTuner(BaseTuner):
             attribute = ADAPTER_ATTRIBUTE[shape["where"]]
             layer = getattr(target, attribute, None)
             if layer is None:
-                layer = TopoLayer(shape["width"], shape["layout"], peft_config.kernel_size)
+                # adapters saved before the kernel was recorded per layer all have the config's
+                layer = TopoLayer(shape["width"], shape["layout"], shape.get("kernel_size", peft_config.kernel_size))
                 target.add_module(attribute, layer)
                 register_adapter_hook(target, attribute, shape["where"])
             elif not isinstance(layer, TopoLayer):

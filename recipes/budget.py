@@ -59,18 +59,24 @@ def lora_params_per_rank(model: nn.Module, target_modules: Sequence[str]) -> int
     return total
 
 
-def neuron_cost(width: int, channels: bool, kernel_size: int = 3) -> int:
+def neuron_cost(width: int, channels: bool, kernel_size: int = 3, size: tuple[int, int] | None = None) -> int:
     """Trainable parameters of one topo neuron: width + 1 on a token/vector stream (a row of D and its bias),
-    channels * k * k + 1 on an image stream (a k x k conv)."""
-    return width * kernel_size**2 + 1 if channels else width + 1
+    channels * k * k + 1 on an image stream (a k x k conv; smaller on a feature map of `size` smaller than the kernel,
+    as the library builds it: effective_kernel)."""
+    from hf_topoadapt.sensitivity.features import effective_kernel
+
+    if not channels:
+        return width + 1
+    kernel = kernel_size if size is None else effective_kernel(kernel_size, *size)
+    return width * kernel**2 + 1
 
 
 def position_costs(
     model: nn.Module, batch: dict | None = None, kernel_size: int = 3, names: Sequence[str] | None = None
-) -> tuple[dict[str, int], dict[str, int], frozenset[str]]:
+) -> tuple[dict[str, int], dict[str, int], frozenset[str], dict[str, tuple[int, int]]]:
     """Trainable parameters per topo neuron at every candidate position, or at the `names`d ones (`neuron_cost`).
     Widths come from one forward pass on `batch`, or from `model.config.hidden_size` without one. Returns (costs,
-    widths, the image-stream positions)."""
+    widths, the image-stream positions, their feature maps' sizes)."""
     from hf_topoadapt.locate import find_positions
     from hf_topoadapt.sensitivity.capture import transform_stream
     from hf_topoadapt.sensitivity.features import layout_of
@@ -78,7 +84,7 @@ def position_costs(
     positions = find_positions(model, positions=list(names) if names is not None else None)
     if batch is None:
         width = int(model.config.hidden_size)
-        return {p.name: width + 1 for p in positions}, {p.name: width for p in positions}, frozenset()
+        return {p.name: width + 1 for p in positions}, {p.name: width for p in positions}, frozenset(), {}
     seen: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack, torch.no_grad():
         for p in positions:
@@ -87,17 +93,18 @@ def position_costs(
         model.eval()
         model(**{k: v[:2] for k, v in batch.items()})
         model.train(was_training)
-    costs, widths, images = {}, {}, set()
+    costs, widths, images, maps = {}, {}, set(), {}
     for p in positions:
         if p.name not in seen:
             continue
         h = seen[p.name]
         channels = layout_of(h) == "channels"
         widths[p.name] = h.shape[1] if channels else h.shape[-1]
-        costs[p.name] = neuron_cost(widths[p.name], channels, kernel_size)
         if channels:
             images.add(p.name)
-    return costs, widths, frozenset(images)
+            maps[p.name] = (int(h.shape[-2]), int(h.shape[-1]))
+        costs[p.name] = neuron_cost(widths[p.name], channels, kernel_size, maps.get(p.name))
+    return costs, widths, frozenset(images), maps
 
 
 @dataclass
@@ -118,6 +125,8 @@ class Budget:
     widths: dict[str, int] = field(default_factory=dict, repr=False)
     channels: frozenset[str] = frozenset()  # positions on an image stream, whose neurons are k x k convs
     kernel_size: int = 3  # the conv's k in `costs`
+    maps: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # feature-map size per image position
+    shrink: bool = True  # `costs` of convs shrunk to the maps, as TopoAdapterConfig(shrink_kernel=True) builds them
 
     def relative_gap(self, count: int) -> float:
         return (count - self.target) / self.target
@@ -162,27 +171,38 @@ class Budget:
         extra = [name for name in names if name not in self.costs]
         if not extra:
             return self
-        costs, widths, channels = position_costs(model, batch, self.kernel_size, extra)
+        costs, widths, channels, maps = position_costs(model, batch, self.kernel_size, extra)
         return replace(
-            self, costs={**self.costs, **costs}, widths={**self.widths, **widths}, channels=self.channels | channels
-        )
+            self, costs={**self.costs, **costs}, widths={**self.widths, **widths}, channels=self.channels | channels,
+            maps={**self.maps, **maps},
+        )  # fmt: skip
 
     def adjusted(
-        self, num_adapters: int | None = None, train_up: bool = False, kernel_size: int | None = None
+        self,
+        num_adapters: int | None = None,
+        train_up: bool = False,
+        kernel_size: int | None = None,
+        shrink: bool | None = None,
     ) -> Budget:
         """The same target spread over `num_adapters` positions, with every neuron also training its output
-        direction U (`train_up`: width more parameters per neuron), and with k x k convs on image streams
-        (`kernel_size`); self when nothing changes."""
+        direction U (`train_up`: width more parameters per neuron), with k x k convs on image streams
+        (`kernel_size`), shrunk to smaller feature maps or not (`shrink`); self when nothing changes."""
         kernel = self.kernel_size if kernel_size is None else kernel_size
-        if num_adapters is None and not train_up and kernel == self.kernel_size:
+        shrink = self.shrink if shrink is None else shrink
+        if num_adapters is None and not train_up and kernel == self.kernel_size and shrink == self.shrink:
             return self
         count = self.num_adapters if num_adapters is None else num_adapters
-        costs = {p: neuron_cost(self.widths[p], p in self.channels, kernel) for p in self.costs}
+        sizes = self.maps if shrink else {}
+        costs = {p: neuron_cost(self.widths[p], p in self.channels, kernel, sizes.get(p)) for p in self.costs}
         if train_up:
             costs = {p: c + self.widths[p] for p, c in costs.items()}
-        return sized_budget(
-            self.lora_rank, count, self.head_params, self.target, costs, self.widths, self.channels, kernel
-        )
+        return replace(
+            sized_budget(
+                self.lora_rank, count, self.head_params, self.target, costs, self.widths, self.channels, kernel,
+                self.maps,
+            ),
+            shrink=shrink,
+        )  # fmt: skip
 
     @property
     def uniform(self) -> bool:
@@ -204,16 +224,19 @@ def match_budget(
     not `config.hidden_size` (CNNs, anything that is not BERT-like).
     """
     head_params = sum(p.numel() for p in model.get_submodule(head_name(model)).parameters())
-    costs, widths, channels = position_costs(model, batch, kernel_size)
+    costs, widths, channels, maps = position_costs(model, batch, kernel_size)
     target = lora_rank * lora_params_per_rank(model, lora_targets) + head_params
-    return sized_budget(lora_rank, num_adapters, head_params, target, costs, widths, channels, kernel_size)
+    return sized_budget(lora_rank, num_adapters, head_params, target, costs, widths, channels, kernel_size, maps)
 
 
 def sized_budget(
-    lora_rank, num_adapters, head_params, target, costs, widths, channels=frozenset(), kernel_size=3
+    lora_rank, num_adapters, head_params, target, costs, widths, channels=frozenset(), kernel_size=3, maps=None
 ) -> Budget:
     """The Budget whose first guess of neurons per adapter meets `target` at the median per-neuron cost."""
     typical = statistics.median(costs.values())
     neurons = max(1, round((target - head_params) / (num_adapters * typical)))
     expected = round(num_adapters * neurons * typical) + head_params
-    return Budget(lora_rank, num_adapters, neurons, head_params, target, expected, costs, widths, channels, kernel_size)
+    return Budget(
+        lora_rank, num_adapters, neurons, head_params, target, expected, costs, widths, channels, kernel_size,
+        dict(maps or {}),
+    )  # fmt: skip

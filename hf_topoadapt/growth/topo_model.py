@@ -353,6 +353,7 @@ class TopoModelGrower(Grower):
             "width": adapter.width,
             "layout": adapter.layout,
             "neurons": adapter.num_neurons,
+            "kernel_size": adapter.kernel_size,
         }
         parameters = add_topo_layer(self.model, record.position, shape, self.adapter_name, weights=adapter)
         if self.optimizer is not None:

@@ -18,7 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from .distributed import gather_rows, sum_across, world_size
-from .features import layout_of, token_pairs
+from .features import effective_kernel, layout_of, token_pairs
 from .objective import LossFn, batch_loss
 from .operators import BlockOperator, DenseBlocks, TokenPairs, accumulate_blocks
 from .precision import autocast_off
@@ -124,12 +124,14 @@ class PairAccumulator:
         exact_max_features: int = 128,
         exact_max_entries: int = 0,
         max_bytes: int | None = None,
+        shrink_kernel: bool = True,
     ):
         if mode not in ("auto", "blocks", "pairs"):
             raise ValueError(f"mode must be 'auto', 'blocks' or 'pairs', got {mode!r}")
         self.mode, self.curvature, self.max_tokens, self.max_bytes = mode, curvature, max_tokens, max_bytes
         self.exact_max_features, self.exact_max_entries = exact_max_features, exact_max_entries
         self.kernel_size, self.dtype, self.generator = kernel_size, dtype, generator
+        self.shrink_kernel = shrink_kernel
         self.blocks: torch.Tensor | None = None
         self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (z, p, keys) per batch
         self.held = 0  # rows in chunks, zero-adjoint tokens included
@@ -138,6 +140,7 @@ class PairAccumulator:
         self.tokens_seen = 0
         self.layout: str | None = None
         self.width: int | None = None
+        self.kernel: int | None = None  # the conv kernel of an image stream (effective_kernel), from its first state
         self._result: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (z, p, candidates) once compacted
         self._scaled_by = 1  # the compacted p is divided by the number of batches once `operator` is called
 
@@ -148,7 +151,17 @@ class PairAccumulator:
     def _add(self, state: torch.Tensor, adjoint: torch.Tensor) -> None:
         self.layout = layout_of(state)
         self.width = state.shape[1] if self.layout == "channels" else state.shape[-1]
-        z, p = token_pairs(state, adjoint, self.kernel_size, self.dtype)
+        kernel = self.kernel_size
+        if self.layout == "channels" and self.shrink_kernel:
+            kernel = effective_kernel(self.kernel_size, *state.shape[-2:])
+            if self.kernel is not None and kernel != self.kernel:
+                raise ValueError(
+                    f"the calibration batches reach this position with feature maps of different sizes "
+                    f"({tuple(state.shape[-2:])} now), which would need a {kernel} x {kernel} conv where earlier "
+                    f"batches needed {self.kernel} x {self.kernel}: calibrate on images of one size"
+                )
+        self.kernel = kernel
+        z, p = token_pairs(state, adjoint, kernel, self.dtype)
         if self.mode == "auto":
             q, d_out = z.shape[1], p.shape[1]
             small = q <= self.exact_max_features or d_out * q * q <= self.exact_max_entries

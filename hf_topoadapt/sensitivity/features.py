@@ -27,6 +27,15 @@ def layout_of(state: torch.Tensor) -> str:
     )
 
 
+def effective_kernel(kernel_size: int, height: int, width: int) -> int:
+    """The conv kernel a layer on a (height x width) feature map gets: kernel_size, shrunk to 2 * max(height, width) - 1
+    where the map is smaller. With 'same' padding a tap further than the map's extent from the centre reads only
+    padding at every pixel, so its weights would never receive a gradient: on a 1 x 1 map (a CNN's last stage at a
+    small input size) a 3 x 3 conv is its centre tap and eight dead ones, nine times the trainable parameters of
+    the 1 x 1 conv that computes the same. No tap that some pixel reads is dropped (a 1 x 2 map keeps 3 x 3)."""
+    return min(kernel_size, 2 * max(height, width) - 1)
+
+
 def num_features(layout: str, width: int, kernel_size: int) -> int:
     """Length q of z for a state of the given width (d or C)."""
     return width * kernel_size * kernel_size + 1 if layout == "channels" else width + 1
