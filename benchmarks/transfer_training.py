@@ -176,6 +176,16 @@ ROUND21_LEVERS = ("start=1",)
 # every rank (transfer_frontier.md). Its reference is today's default (with `spend`) run again beside it.
 ROUND22_BASE = "topo+no_embeddings+optimized+step=0.1+wide_matrix_free+score_once+spend"
 ROUND22_LEVERS = ("dropout=0.1", "dropout=0.3")
+# Round 23: positions ranked over several draws of the new head (`heads=K`, recipes/head_draws.py). The adjoints the
+# scores are built from pass through the new, random classifier: on EfficientNet 6 draws of the head on the same
+# seed's examples gave 4-6 different top threes for every seed of 0-9, while MiniLM's top two (blocks 4 and 3) held
+# under every draw. The seeds whose own draw put the last, widest blocks first tested lowest at r=2 (seed 2: blocks
+# 1, 13 and 14, 0.712 against a mean of 0.827). Each draw's scores are divided by its best and averaged over K draws
+# (the run's own head and K - 1 others); the layers are then placed and initialised as usual, with the run's head.
+# Its reference is today's default at today's rates (MiniLM's rose to 0.02, so its reference runs again; the others'
+# are round 22's reference runs, at the same rates).
+ROUND23_LEVERS = ("heads=4", "heads=8")
+RATES_TODAY = {"minilm_topics": 2e-2, "effnet_mnist": 1e-2, "vit_digits": 1e-2}
 # The topo rate each round ran at, per recipe (the recipes' rate of the time): a run at another rate is not the round's.
 RATES_THEN = {"minilm_topics": 1e-2, "effnet_mnist": 3e-3, "vit_digits": 3e-2}
 RATES_ROUND3 = {"minilm_topics": 1e-2, "effnet_mnist": 1e-2, "vit_digits": 1e-2}
@@ -262,6 +272,13 @@ ROUNDS = {
         "levers": ROUND22_LEVERS,
         "rates": RATES_30_EPOCHS,
         "runs": "round22",
+    },
+    23: {
+        "base": ROUND22_BASE,
+        "prefix": ROUND22_BASE,
+        "levers": ROUND23_LEVERS,
+        "rates": RATES_TODAY,
+        "runs": "round23",
     },
 }
 
@@ -696,6 +713,19 @@ def write(result: dict, output_dir: str) -> None:
         f"At {rates_text(result['round22']['rates'])}. Regenerate with "
         "`python benchmarks/transfer_training.py --round 22`.",
         *round_section(result["round22"], recipes),
+        "## Round 23: positions ranked over several draws of the new head",
+        "",
+        f"Today's one-shot default (`{result['round23']['default']}`) against the same with its positions ranked by "
+        "their score averaged over K draws of the new, untrained head (`heads=K`: the run's own head and K - 1 others "
+        "from the same distribution, each draw's scores divided by its best; recipes/head_draws.py); the layers are "
+        "then placed and initialised as usual, with the run's own head. The adjoints the scores are built from pass "
+        "through the random head: on EfficientNet 6 draws on the same seed's examples gave 4-6 different top threes "
+        "for every seed of 0-9, while MiniLM's top two held under every draw, and the seeds whose own draw put the "
+        "last blocks first tested lowest. MiniLM's reference ran again at its rate of today (0.02); EfficientNet's and "
+        "the ViT's are round 22's runs, at the same rates (`transfer_training_<recipe>_round23_runs.jsonl`). "
+        f"At {rates_text(result['round23']['rates'])}. Regenerate with "
+        "`python benchmarks/transfer_training.py --round 23`.",
+        *round_section(result["round23"], recipes),
     ]
     with open(os.path.join(output_dir, "transfer_training.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -64,6 +64,10 @@ LEVERS: dict[str, dict] = {
     # channel early blocks hold one neuron per channel): 3 of 10 seeds spent 19-74% less at r=4 and 8. `spend` adds
     # the next-ranked position (the same scoring round) until the budget is spent or no candidate is left.
     "spend": {"spend_budget": True},
+    # Convs no larger than the feature maps they read (TopoAdapterConfig.shrink_kernel): at EfficientNet's 32-pixel
+    # input its blocks 11-15 output 1 x 1 maps, where a 3 x 3 conv is a 1 x 1 conv and eight taps that read only
+    # padding, charged to the budget: nine times the parameters per neuron for the same function.
+    "shrink": {"shrink_kernel": True},
 }
 SPEND_TOLERANCE = 0.05  # a gap below -5% counts as unspent (trimming to whole neurons leaves a few percent)
 # Levers with a value, written `name=value` in a method name (`topo+optimized+step=0.5`): the fraction of the
@@ -92,9 +96,9 @@ VALUE_LEVERS: dict[str, str] = {
     "step": "step_scale", "decrease": "step_decrease", "adapter_lr": "adapter_lr_ratio", "adapters": "num_adapters",
     "optimize_tol": "optimize_tol", "max_neurons": "max_neurons",
     "kernel": "kernel_size", "direction": "direction_scale", "head_rate": "head_lr_ratio", "grow_every": "grow_every",
-    "start": "start_adapters", "dropout": "topo_dropout",
+    "start": "start_adapters", "dropout": "topo_dropout", "heads": "head_draws",
 }  # fmt: skip
-WHOLE_LEVERS = ("num_adapters", "kernel_size", "max_neurons", "grow_every", "start_adapters")
+WHOLE_LEVERS = ("num_adapters", "kernel_size", "max_neurons", "grow_every", "start_adapters", "head_draws")
 GROWN_ONLY = {"grow_every": "topo_grown+grow_every=1", "start_adapters": "topo_grown+start=1"}
 # The default combination, chosen on validation: optimized by the greedy selection (benchmarks/results/
 # transfer_levers.md), no_embeddings and then a tenth of the line-searched step added to it by the one-lever-at-a-time
@@ -106,12 +110,18 @@ GROWN_ONLY = {"grow_every": "topo_grown+grow_every=1", "start_adapters": "topo_g
 # three layers hold the budget (every transformer position here), and on EfficientNet's seeds that left 19-74% unspent
 # it did not lose on validation (+0.4 ± 0.5 points over 20 pairs at r=4 and 8, transfer_frontier_effnet_mnist_
 # candidates_runs.jsonl).
+# `shrink` builds 1 x 1 convs where the feature maps are 1 x 1 (EfficientNet's blocks 11-15 at 32 pixels), which a
+# 3 x 3 conv computes with eight dead taps charged to the budget. It changes only the runs whose layers sit there (9
+# of EfficientNet's 40 frontier cells; the others came out identical, checked on one) and gained on validation there
+# (transfer_frontier.md; transfer_frontier_effnet_mnist_candidates_runs.jsonl).
 DEFAULT_LEVERS: tuple[str, ...] = (
-    "no_embeddings", "optimized", "step=0.1", "wide_matrix_free", "score_once", "spend",
+    "no_embeddings", "optimized", "step=0.1", "wide_matrix_free", "score_once", "spend", "shrink",
 )  # fmt: skip
 # Growth keeps the paper's full step: a grown layer's step is taken on the trained model, and a tenth lost there on
 # validation (transfer_training.md, round 5); build_topo_grown hands it to GrowthConfig.step_scale. It also keeps the
 # dense ascent its runs were made with (round 6 measured the matrix-free one on one-shot adapters).
+# It keeps 3 x 3 convs on 1 x 1 maps too: with `shrink` its 21 frontier runs with a layer there moved +0.1 ± 1.4 points
+# on validation (transfer_frontier_effnet_mnist_candidates_runs.jsonl, topo_grown+shrink).
 GROWN_LEVERS: tuple[str, ...] = ("no_embeddings", "optimized")
 # The ablation that switches a default lever off, where its name is not topo_no_<lever>.
 LEVER_OFF = {
@@ -130,7 +140,7 @@ def topo_options(levers) -> dict:
     are the chosen levers)."""
     options = {
         "include_head": False, "include_embeddings": True, "directions": "coordinate", "step_scale": 1.0,
-        "optimize_solver": "dense", "score_once": False,
+        "optimize_solver": "dense", "score_once": False, "shrink_kernel": False,
     }  # fmt: skip
     for lever in levers:
         name, _, value = lever.partition("=")
@@ -283,6 +293,11 @@ def build_method(
     direction_scale = options.pop("direction_scale", None)
     grow_every = options.pop("grow_every", GROW_EVERY)
     start_adapters = options.pop("start_adapters", 0)
+    if grown is not None and "head_draws" in options:
+        raise ValueError(
+            f"{method!r}: heads=K ranks the positions of one-shot topo before training; a grown method "
+            "scores with its trained head. Name a one-shot method, e.g. 'topo+heads=4'"
+        )
     for key, example in GROWN_ONLY.items():
         if grown is None and key in (variant or {}):
             raise ValueError(
@@ -297,7 +312,9 @@ def build_method(
         spread = options.pop("num_adapters", None)
         if spread is not None:  # more positions than the model has: every candidate, each with its share
             spread = min(spread, len(topo_candidates(model, options, budget)))
-        budget = budget.adjusted(spread, options.get("train_up", False), options.get("kernel_size"))
+        budget = budget.adjusted(
+            spread, options.get("train_up", False), options.get("kernel_size"), options.get("shrink_kernel")
+        )
     if grown is not None:
         built = build_topo_grown(model, calibration, budget, seed, head, options, grow_every, start_adapters)
     elif variant is not None:
@@ -480,6 +497,7 @@ def build_topo(
     that compete."""
     options = {"num_adapters": budget.num_adapters, **options}
     spend = options.pop("spend_budget", False)
+    head_draws = options.pop("head_draws", 1)
     if candidates:  # the positions that compete (TopoAdapterConfig.positions), beyond the default block outputs
         options["positions"] = list(candidates)
     if options.get("neuron_budget") is True and init == "eigen":  # the library allocates it by value per parameter
@@ -487,6 +505,9 @@ def build_topo(
     else:  # random rows get exactly the recipe's allocation below
         options.pop("neuron_budget", None)
         options.pop("fill_budget", None)
+    if positions == "ranked" and head_draws > 1:
+        request = neurons or budget.request()
+        return _head_averaged(model, calibration, head, seed, request, init, options, budget, head_draws, spend)
     if positions == "ranked":
         request = neurons or budget.request()
         built = fit_budget(_topo(model, calibration, head, seed, request, init, options), budget)
@@ -535,6 +556,33 @@ def _topo(model, calibration, head, seed, neurons, init, options) -> Built:
         note += f", calibration loss {accepted[0]['loss_before']:.3f} -> {accepted[-1]['loss_after']:.3f}"
     phases = dict(wrapped.topo_report.seconds) if wrapped.topo_report else {}
     return Built(wrapped, note=note, positions=chosen, setup_phases=phases)
+
+
+def _head_averaged(model, calibration, head, seed, request, init, options, budget: Budget, draws, spend) -> Built:
+    """The `heads=K` lever: the positions the ranking averaged over K draws of the head puts first (head_draws.py),
+    each layer placed and initialised as usual with the run's own head; with `spend`, the next of that order while the
+    budget is unspent."""
+    import hf_topoadapt as hta
+
+    from .head_draws import head_averaged_order
+
+    config = hta.TopoAdapterConfig(modules_to_save=[head], seed=seed, init=init, **_config_options(options))
+    order, _ = head_averaged_order(model, calibration, head, config, draws, seed)
+    count = min(options["num_adapters"], len(order))
+    while True:
+        chosen = order[:count]
+        fixed = {**options, "num_adapters": count, "target_modules": chosen}
+        built = fit_budget(_topo(model, calibration, head, seed, request, init, fixed), budget)
+        built.note += f"; positions ranked over {draws} head draws"
+        unspent = budget.relative_gap(count_trainable(built.model)) < -SPEND_TOLERANCE
+        if not (spend and unspent and count < len(order)):
+            return built
+        model, count = built.model.unload(), count + 1
+
+
+def _config_options(options: dict) -> dict:
+    """The TopoAdapterConfig fields among build options (no count of adapters or named positions)."""
+    return {k: v for k, v in options.items() if k not in ("num_adapters", "target_modules")}
 
 
 def spend_budget(built, model, calibration, head, seed, request, init, options, budget: Budget) -> Built:

@@ -514,7 +514,7 @@ def test_value_levers_set_the_step_and_the_adapters_learning_rate(tokenizer, tmp
 
     assert topo_options(["optimized", "step=0.5", "adapter_lr=0.2"]) == {
         "include_head": False, "include_embeddings": True, "directions": "optimized", "step_scale": 0.5,
-        "optimize_solver": "dense", "score_once": False, "adapter_lr_ratio": 0.2,
+        "optimize_solver": "dense", "score_once": False, "shrink_kernel": False, "adapter_lr_ratio": 0.2,
     }  # fmt: skip
     with pytest.raises(ValueError, match="lever 'step=half' needs a number"):
         topo_options(["step=half"])
@@ -557,7 +557,8 @@ def test_up_and_adapters_levers_change_what_trains_within_the_budget(tokenizer):
 
     assert topo_options(["up", "adapters=2"]) == {
         "include_head": False, "include_embeddings": True, "directions": "coordinate", "step_scale": 1.0,
-        "optimize_solver": "dense", "score_once": False, "train_up": True, "num_adapters": 2,
+        "optimize_solver": "dense", "score_once": False, "shrink_kernel": False, "train_up": True,
+            "num_adapters": 2,
     }  # fmt: skip
     for bad in ("adapters=1.5", "adapters=0"):
         with pytest.raises(ValueError, match=f"lever '{bad}' needs a whole number >= 1"):
@@ -633,7 +634,9 @@ def test_the_default_takes_a_tenth_of_the_step_and_its_ablation_and_growth_the_f
     assert TOPO_VARIANTS["topo_full_step"] == {**TOPO_VARIANTS["topo"], "step_scale": 1.0}
     budgeted = ("neuron_budget", "max_neurons", "spend_budget")  # growth sizes its layers itself
     grown_levers = {k: v for k, v in TOPO_VARIANTS["topo_full_step"].items() if k not in budgeted}
-    assert GROWN["topo_grown"] == {**grown_levers, "optimize_solver": "dense", "score_once": False}
+    assert GROWN["topo_grown"] == {
+        **grown_levers, "optimize_solver": "dense", "score_once": False, "shrink_kernel": False
+    }  # fmt: skip
     assert TOPO_VARIANTS["topo_paper"]["step_scale"] == 1.0
 
 

@@ -155,7 +155,13 @@ def test_kernel_lever_prices_pointwise_neurons_and_meets_the_budget(mnist):
     pointwise = budget.adjusted(kernel_size=1)
     assert budget.channels and pointwise.channels == budget.channels and pointwise.kernel_size == 1
     assert all(pointwise.costs[p] == budget.widths[p] + 1 for p in budget.channels)
-    assert all(budget.costs[p] == 9 * budget.widths[p] + 1 for p in budget.channels)
+    # at 32 pixels EfficientNet's last stage sees 1 x 1 maps, where a 3 x 3 conv is a 1 x 1 one (shrink_kernel)
+    assert {budget.maps[p] for p in budget.channels} >= {(1, 1), (2, 2)}
+    for p in budget.channels:
+        assert budget.costs[p] == (budget.widths[p] + 1 if budget.maps[p] == (1, 1) else 9 * budget.widths[p] + 1)
+    full = budget.adjusted(shrink=False)  # what adapters made before shrink_kernel cost
+    assert all(full.costs[p] == 9 * budget.widths[p] + 1 for p in budget.channels) and full.target == budget.target
+    assert full.adjusted(shrink=True).costs == budget.costs
     assert pointwise.target == budget.target and budget.adjusted(kernel_size=3) is budget
     three = build_method("topo+no_embeddings", effnet(), batches, budget, 10, 0, ["_project_conv"])
     one = build_method("topo+no_embeddings+kernel=1", effnet(), batches, budget, 10, 0, ["_project_conv"])
@@ -169,6 +175,35 @@ def test_kernel_lever_prices_pointwise_neurons_and_meets_the_budget(mnist):
     assert neurons(one) > 2 * neurons(three), (one.note, three.note)
     with pytest.raises(ValueError, match="kernel_size must be a positive odd number"):
         build_method("topo+no_embeddings+kernel=2", effnet(), batches, budget, 10, 0, ["_project_conv"])
+
+
+def test_shrink_lever_builds_pointwise_convs_on_one_pixel_maps_within_the_budget(mnist):
+    """`shrink` (TopoAdapterConfig.shrink_kernel): a layer at one of EfficientNet's 1 x 1 maps (blocks 11-15 at 32
+    pixels) is a 1 x 1 conv, priced at C + 1 a neuron; the methods without it keep 3 x 3 convs everywhere, as their
+    runs were made."""
+    from recipes.budget import count_trainable
+    from recipes.methods import build_topo, lever_off
+
+    assert "shrink" in DEFAULT_LEVERS and lever_off("shrink") == "topo_no_shrink"
+    assert TOPO_VARIANTS["topo"]["shrink_kernel"] and not TOPO_VARIANTS["topo_no_shrink"]["shrink_kernel"]
+    assert not TOPO_VARIANTS["topo_paper"]["shrink_kernel"]  # the methods without it keep their runs' 3 x 3 convs
+
+    batches = few_batches(mnist, 3, 32, range(10), per_class=1, batch_size=10)
+    budget = match_budget(effnet(), 1, 2, ["_project_conv"], batch=batches[0])
+    late, early = "_blocks.13", "_blocks.4"
+    assert budget.maps[late] == (1, 1) and budget.maps[early] == (4, 4)
+    kernels = {}
+    for shrink in (True, False):
+        options = {"include_embeddings": False, "directions": "optimized", "step_scale": 0.1, "shrink_kernel": shrink}
+        sized = budget.adjusted(shrink=shrink)
+        built = build_topo(effnet(), batches, sized, 0, "_fc", positions="fixed", fixed=[late, early], **options)
+        trainable = count_trainable(built.model)
+        assert abs(sized.relative_gap(trainable)) <= 0.10, (shrink, trainable, sized.target, built.note)
+        shapes = built.model.peft_config["default"].adapter_shapes
+        kernels[shrink] = {p: shapes[p]["kernel_size"] for p in (late, early)}
+        convs = {n: m for n, m in built.model.named_modules() if n.endswith("topo_down.default")}
+        assert any(m.kernel_size == (kernels[shrink][late],) * 2 for n, m in convs.items() if ".13." in n)
+    assert kernels == {True: {late: 1, early: 3}, False: {late: 3, early: 3}}
 
 
 def test_attention_lever_scores_attention_outputs_beside_block_outputs_within_the_budget(mnist):

@@ -101,11 +101,16 @@ def test_each_round_reads_only_the_topo_runs_at_its_own_rate(tmp_path):
     assert cell["gain"] == pytest.approx(0.05) and third["rates"] == {"effnet_mnist": now}
 
 
+def before_shrink(variant: dict) -> dict:
+    """A topo variant as it was before `shrink` joined the default (after round 23): 3 x 3 convs everywhere."""
+    return {**variant, "shrink_kernel": False}
+
+
 def before_round_15(variant: dict) -> dict:
     """A topo variant as it was before rounds 15 and 17: the greedy rule, neurons spread evenly (the recipes' trim),
-    and no `spend` (which joined the default after round 21)."""
+    no `spend` (which joined the default after round 21) and no `shrink` (after round 23)."""
     dropped = ("neuron_budget", "max_neurons", "spend_budget")
-    return {**{k: v for k, v in variant.items() if k not in dropped}, "score_once": False}
+    return {**{k: v for k, v in variant.items() if k not in dropped}, "score_once": False, "shrink_kernel": False}
 
 
 def test_a_round_runs_its_topo_methods_at_its_own_rate():
@@ -178,10 +183,11 @@ def test_round_twenty_two_measures_dropout_against_the_recipes_default_of_today(
 
     spec = tt.ROUNDS[22]
     assert spec["base"] == spec["prefix"] and spec["runs"] == "round22"
-    assert lever_method(spec["base"]) == TOPO_VARIANTS["topo"]  # the reference is `topo` itself, spend included
+    # the reference is `topo` of its time, spend included (shrink joined after round 23)
+    assert lever_method(spec["base"]) == before_shrink(TOPO_VARIANTS["topo"])
     for lever in spec["levers"]:
         options = lever_method(tt.with_lever(lever, spec["prefix"]))
-        assert options == {**TOPO_VARIANTS["topo"], "topo_dropout": float(lever.partition("=")[2])}
+        assert options == {**before_shrink(TOPO_VARIANTS["topo"]), "topo_dropout": float(lever.partition("=")[2])}
     assert tt.round_epochs("effnet_mnist", 22, 30) == 30 and set(spec["rates"].values()) == {1e-2}
 
 
@@ -194,7 +200,7 @@ def test_rounds_from_seven_measure_on_todays_default_and_only_where_their_lever_
         assert lever_method(tt.ROUNDS[number]["base"]) == before_round_15(TOPO_VARIANTS["topo"]), number
     # round 15 adopted score_once; round 17's `budget+max_neurons=64` passed the rule and was vetoed (its reason)
     # `spend` joined the default after round 21 (it changes only runs that left the budget unspent)
-    before_spend = {k: v for k, v in TOPO_VARIANTS["topo"].items() if k != "spend_budget"}
+    before_spend = {k: v for k, v in before_shrink(TOPO_VARIANTS["topo"]).items() if k != "spend_budget"}
     assert lever_method(tt.with_lever("score_once", tt.ROUNDS[15]["prefix"])) == before_spend
     for number in range(16, 19):  # round 19 measures growth
         assert lever_method(tt.ROUNDS[number]["base"]) == before_spend, number
@@ -238,3 +244,16 @@ def test_rounds_measured_at_an_earlier_length_rerun_at_it():
     assert tt.round_epochs("vit_digits", 4, 10) == 10
     with open(tt.runs_path(os.path.join(ROOT, "benchmarks", "results"), "effnet_mnist")) as f:
         assert {json.loads(line)["epochs"] for line in f if line.strip()} == {10}
+
+
+def test_round_twenty_three_ranks_over_head_draws_against_the_default_of_its_time():
+    from recipes.methods import TOPO_VARIANTS, lever_method
+
+    spec = tt.ROUNDS[23]
+    assert spec["base"] == spec["prefix"] == tt.ROUND22_BASE and spec["runs"] == "round23"
+    assert lever_method(spec["base"]) == before_shrink(TOPO_VARIANTS["topo"])
+    for lever in spec["levers"]:
+        options = lever_method(tt.with_lever(lever, spec["prefix"]))
+        assert options == {**before_shrink(TOPO_VARIANTS["topo"]), "head_draws": int(lever.partition("=")[2])}
+    # MiniLM's topo rate rose to 0.02 when the rates were chosen again; round 23 runs at the recipes' rates of today
+    assert spec["rates"] == {"minilm_topics": 2e-2, "effnet_mnist": 1e-2, "vit_digits": 1e-2}
