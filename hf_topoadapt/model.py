@@ -416,8 +416,7 @@ def _random_insertions(model, config, candidates, batches, loss_fn) -> list[Inse
     generator = torch.Generator().manual_seed(config.seed)
     records = []
     for position in candidates:
-        shrink = config.shrink_kernel
-        width, layout, kernel = _probe_width(model, position, batches, loss_fn, config.kernel_size, shrink)
+        width, layout, kernel = _probe_width(model, position, batches, loss_fn, config)
         neurons = config.neurons or config.max_neurons or 8
         adapter = TopoAdapter(width, neurons, layout, kernel, config.activation, **factory_kwargs(model))
         with torch.no_grad():
@@ -446,25 +445,24 @@ def _random_insertions(model, config, candidates, batches, loss_fn) -> list[Inse
     return records
 
 
-def _probe_width(
-    model, position: Position, batches, loss_fn, kernel_size: int = 3, shrink_kernel: bool = True
-) -> tuple[int, str, int]:
-    """Width, layout and conv kernel (effective_kernel) of the hidden state at a position: one forward pass, or the
-    model config without data."""
+def _probe_width(model, position: Position, batches, loss_fn, config: TopoAdapterConfig) -> tuple[int, str, int]:
+    """Width, layout and conv kernel (config.kernel_size, or effective_kernel under shrink_kernel) of the hidden state
+    at a position: one forward pass, or the model config without data."""
     if batches is None:
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         if hidden is None:
             raise ValueError(
                 "cannot tell the hidden size at the positions without data: pass calibration_data (one batch is enough)"
             )
-        return int(hidden), "tokens", kernel_size
+        return int(hidden), "tokens", config.kernel_size
     seen: list[torch.Tensor] = []
     with transform_stream(position, lambda h: seen.append(h) or h), torch.no_grad():
         batch_loss(model, batches[0], loss_fn)
-    layout = layout_of(seen[0])
-    if layout != "channels" or not shrink_kernel:
-        return seen[0].shape[-1] if layout != "channels" else seen[0].shape[1], layout, kernel_size
-    return seen[0].shape[1], layout, effective_kernel(kernel_size, *seen[0].shape[-2:])
+    state, layout = seen[0], layout_of(seen[0])
+    if layout != "channels":
+        return state.shape[-1], layout, config.kernel_size
+    kernel = effective_kernel(config.kernel_size, *state.shape[-2:]) if config.shrink_kernel else config.kernel_size
+    return state.shape[1], layout, kernel
 
 
 @torch.no_grad()

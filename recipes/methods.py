@@ -569,15 +569,12 @@ def _head_averaged(model, calibration, head, seed, request, init, options, budge
     config = hta.TopoAdapterConfig(modules_to_save=[head], seed=seed, init=init, **_config_options(options))
     order, _ = head_averaged_order(model, calibration, head, config, draws, seed)
     count = min(options["num_adapters"], len(order))
-    while True:
-        chosen = order[:count]
-        fixed = {**options, "num_adapters": count, "target_modules": chosen}
-        built = fit_budget(_topo(model, calibration, head, seed, request, init, fixed), budget)
-        built.note += f"; positions ranked over {draws} head draws"
-        unspent = budget.relative_gap(count_trainable(built.model)) < -SPEND_TOLERANCE
-        if not (spend and unspent and count < len(order)):
-            return built
-        model, count = built.model.unload(), count + 1
+    fixed = {**options, "num_adapters": count, "target_modules": order[:count]}
+    built = fit_budget(_topo(model, calibration, head, seed, request, init, fixed), budget)
+    if spend:
+        built = spend_budget(built, model, calibration, head, seed, request, init, options, budget, order)
+    built.note += f"; positions ranked over {draws} head draws"
+    return built
 
 
 def _config_options(options: dict) -> dict:
@@ -585,17 +582,22 @@ def _config_options(options: dict) -> dict:
     return {k: v for k, v in options.items() if k not in ("num_adapters", "target_modules")}
 
 
-def spend_budget(built, model, calibration, head, seed, request, init, options, budget: Budget) -> Built:
+def spend_budget(
+    built, model, calibration, head, seed, request, init, options, budget: Budget, order: list[str] | None = None
+) -> Built:
     """Built again with one more ranked position while the budget is unspent by more than SPEND_TOLERANCE. Each try
     starts from the model unloaded (its layers and head copy removed: the pretrained model and the seed's untrained
-    head), so the same scoring round ranks the same positions and the earlier layers come out the same."""
-    count, available = options["num_adapters"], len(topo_candidates(model, options, budget))
+    head), so the same scoring round ranks the same positions and the earlier layers come out the same. `order`: the
+    positions best first by another ranking (`heads=K`), taken as target_modules, instead of the model's own."""
+    count = options["num_adapters"]
+    available = len(order) if order is not None else len(topo_candidates(model, options, budget))
     while budget.relative_gap(count_trainable(built.model)) < -SPEND_TOLERANCE and count < available:
         count += 1
         base = built.model.unload()
-        built = fit_budget(
-            _topo(base, calibration, head, seed, request, init, {**options, "num_adapters": count}), budget
-        )
+        more = {**options, "num_adapters": count}
+        if order is not None:
+            more["target_modules"] = order[:count]
+        built = fit_budget(_topo(base, calibration, head, seed, request, init, more), budget)
         built.note += f"; {count} positions to spend the budget"
     return built
 

@@ -155,3 +155,20 @@ def test_the_recipes_budget_counts_what_the_library_builds():
     assert neuron_cost(192, True, 3, (1, 1)) == 193
     assert neuron_cost(192, True, 3, (2, 2)) == 192 * 9 + 1
     assert neuron_cost(192, False, 3, (1, 1)) == 193
+
+
+def test_a_bf16_cnn_gets_the_small_kernel_and_trains_it():
+    model, batches = cnn()
+    model = model.to(torch.bfloat16)
+    batches = [(x.to(torch.bfloat16), y) for x, y in batches]
+    config = hta.TopoAdapterConfig(target_modules=["blocks.3"], modules_to_save=["fc"], line_search_steps=4)
+    topo = hta.get_topo_model(model, config, calibration_data=batches, loss_fn=F.cross_entropy)
+    assert topo.peft_config["default"].adapter_shapes["blocks.3"]["kernel_size"] == 1
+    (down,) = [p for n, p in topo.named_parameters() if n.endswith("topo_down.default.weight")]
+    assert tuple(down.shape[2:]) == (1, 1)
+    topo.train()
+    x, y = batches[0]
+    logits = topo(x)
+    assert logits.dtype == torch.bfloat16  # the stream keeps the model's dtype, whatever the layer computes in
+    F.cross_entropy(logits.float(), y).backward()
+    assert down.grad is not None and torch.isfinite(down.grad).all() and down.grad.abs().sum() > 0
